@@ -1,0 +1,310 @@
+"""Expected regions of a spec turned into pixel masks of the original image (pure numpy, no torch).
+
+A spec names where the model should look (or must not look) as a box, a box in fractions of the image,
+a polygon, a mask file, or a list of these (their union). Every focus metric compares a heatmap with a
+boolean mask, so this module has one job: turn the spec's raw value into that mask, exactly and with
+one pixel rule for every kind, and refuse regions that cannot be what the author meant.
+
+Coordinates are those of the original image: x runs along columns, y along rows, (0, 0) is the top-left
+corner of the top-left pixel, and pixel (x, y) covers [x, x+1) x [y, y+1), its centre at (x+0.5, y+0.5).
+
+The pixel rule, the same for boxes and polygons: **a pixel is inside when its centre is inside**.
+- box [x0, y0, x1, y1] (x1/y1 exclusive): pixel (x, y) is inside when x0 <= x+0.5 < x1 and
+  y0 <= y+0.5 < y1; for integer corners that is simply x0 <= x < x1 and y0 <= y < y1. Fractional
+  corners are allowed (box_rel produces them).
+- polygon: even-odd rule on the pixel centre, with a half-open boundary (a centre exactly on a left or
+  top edge is inside, on a right or bottom edge outside), so a rectangle written as a polygon selects
+  exactly the pixels of the same box, and two polygons sharing an edge never both claim a pixel on it.
+- mask file: non-zero pixels (any channel) are inside; the file must have the image's size.
+
+Errors are ``SpecError`` without a location: the caller knows the spec line and adds it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from audit.errors import SpecError, closest
+
+KINDS = ("box", "box_rel", "polygon", "mask")
+UNION = " \u222a "  # " ∪ "
+
+Point = tuple[float, float]
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+def region_mask(region: Any, image_size: tuple[int, int], base_dir: Path | str) -> np.ndarray:
+    """The pixels of ``region`` as a bool array (h, w) for an image of ``image_size`` = (w, h).
+
+    Rows are y, columns x. Every part of a union is validated on its own: a union never hides an empty
+    or out-of-image part, because such a part is a mistake in the spec even when the rest is fine.
+    """
+    width, height = _check_size(image_size)
+    out = np.zeros((height, width), dtype=bool)
+    for part in _parts(region):
+        out |= _part_mask(part, width, height, Path(base_dir))
+    return out
+
+
+def describe(region: Any) -> str:
+    """Short text naming a region in messages and the report; never raises (it describes bad input too)."""
+    if isinstance(region, (list, tuple)):
+        if not region:
+            return "empty region list"
+        return UNION.join(describe(part) for part in region)
+    if not isinstance(region, dict):
+        return f"region {region!r}"
+    known = [k for k in KINDS if k in region]
+    if len(known) != 1:
+        return f"region {_fmt_value(region)}"
+    kind = known[0]
+    value = region[kind]
+    if kind in ("box", "box_rel"):
+        return f"{kind} {_fmt_value(value)}"
+    if kind == "polygon":
+        n = len(value) if isinstance(value, (list, tuple)) else 0
+        return f"polygon ({n} point{'s' if n != 1 else ''})"
+    return f"mask {value}"
+
+
+def region_outline(region: Any, image_size: tuple[int, int], base_dir: Path | str) -> list[list[Point]]:
+    """Closed outlines of ``region`` in original-image pixel coordinates, for drawing in the report.
+
+    Boxes give their 4 corners (pixel edges, so [0, 0, w, h] frames the whole image), polygons their
+    points as written, masks the contours of their pixels (``cv2.findContours``, outer boundaries and
+    holes, through the centres of the boundary pixels). Validates like ``region_mask``.
+    """
+    width, height = _check_size(image_size)
+    outlines: list[list[Point]] = []
+    for part in _parts(region):
+        kind, value = _kind(part)
+        if kind == "box":
+            outlines.append(_corners(_box(value, width, height, part)))
+        elif kind == "box_rel":
+            outlines.append(_corners(_box_rel(value, width, height, part)))
+        elif kind == "polygon":
+            points = _polygon(value, width, height, part)
+            _require_pixels(_polygon_mask(points, width, height), part)
+            outlines.append([(float(x), float(y)) for x, y in points])
+        else:
+            outlines.extend(_mask_contours(_mask_file(value, width, height, Path(base_dir), part)))
+    return outlines
+
+
+# ------------------------------------------------------------------------------------------- structure
+
+def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    width, height = (int(v) for v in image_size)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image_size must be positive (w, h), got {image_size!r}")
+    return width, height
+
+
+def _parts(region: Any) -> list[dict]:
+    """The dicts of a region or of a (possibly nested) union, in order."""
+    if isinstance(region, dict):
+        return [region]
+    if isinstance(region, (list, tuple)):
+        if not region:
+            raise SpecError("region list is empty: give at least one box, box_rel, polygon or mask")
+        parts: list[dict] = []
+        for item in region:
+            parts.extend(_parts(item))
+        return parts
+    raise SpecError(f"a region is a mapping such as {{box: [x0, y0, x1, y1]}} or a list of them, "
+                    f"got {region!r}")
+
+
+def _kind(part: dict) -> tuple[str, Any]:
+    known = [k for k in KINDS if k in part]
+    if len(known) == 1 and len(part) == 1:
+        return known[0], part[known[0]]
+    if len(known) > 1:
+        raise SpecError(f"a region has exactly one kind, got {', '.join(known)} together; "
+                        f"use a list of regions for a union")
+    unknown = [k for k in part if k not in KINDS]
+    if not unknown:
+        raise SpecError("region is empty: give one of box, box_rel, polygon, mask")
+    hint = closest(str(unknown[0]), KINDS, n=1)
+    msg = f"unknown region kind {unknown[0]!r}; expected one of {', '.join(KINDS)}"
+    if hint:
+        msg += f" (did you mean {hint[0]!r}?)"
+    raise SpecError(msg)
+
+
+def _part_mask(part: dict, width: int, height: int, base_dir: Path) -> np.ndarray:
+    kind, value = _kind(part)
+    if kind == "box":
+        mask = _box_mask(_box(value, width, height, part), width, height)
+    elif kind == "box_rel":
+        mask = _box_mask(_box_rel(value, width, height, part), width, height)
+    elif kind == "polygon":
+        mask = _polygon_mask(_polygon(value, width, height, part), width, height)
+    else:
+        mask = _mask_file(value, width, height, base_dir, part)
+    return _require_pixels(mask, part)
+
+
+def _require_pixels(mask: np.ndarray, part: dict) -> np.ndarray:
+    if not mask.any():
+        raise SpecError(f"region {describe(part)} is empty: it contains no pixel centre")
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- boxes
+
+def _numbers(value: Any, n: int, what: str) -> list[float]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == n
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in value))
+    if not ok:
+        raise SpecError(f"{what} must be {n} numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
+def _box(value: Any, width: int, height: int, part: dict) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = _numbers(value, 4, "box [x0, y0, x1, y1]")
+    _order(x0, y0, x1, y1, part)
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise SpecError(f"{describe(part)} goes outside the {width}x{height} image "
+                        f"(x must lie in [0, {width}], y in [0, {height}])")
+    return x0, y0, x1, y1
+
+
+def _box_rel(value: Any, width: int, height: int, part: dict) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = _numbers(value, 4, "box_rel [x0, y0, x1, y1]")
+    _order(x0, y0, x1, y1, part)
+    if min(x0, y0) < 0 or max(x1, y1) > 1:
+        raise SpecError(f"{describe(part)} goes outside the image: box_rel values are fractions "
+                        f"of the width and height, in [0, 1]")
+    return x0 * width, y0 * height, x1 * width, y1 * height
+
+
+def _order(x0: float, y0: float, x1: float, y1: float, part: dict) -> None:
+    if x0 > x1 or y0 > y1:
+        raise SpecError(f"{describe(part)} has its corners swapped: expected [x0, y0, x1, y1] "
+                        f"with x0 < x1 and y0 < y1 (x runs along columns, y along rows)")
+    if x0 == x1 or y0 == y1:
+        raise SpecError(f"region {describe(part)} is empty")
+
+
+def _box_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """Pixels whose centre c satisfies x0 <= c < x1 (same for y): indices ceil(x0-0.5) .. ceil(x1-0.5)-1."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), dtype=bool)
+    xs, xe = math.ceil(x0 - 0.5), math.ceil(x1 - 0.5)
+    ys, ye = math.ceil(y0 - 0.5), math.ceil(y1 - 0.5)
+    mask[max(ys, 0):max(ye, 0), max(xs, 0):max(xe, 0)] = True
+    return mask
+
+
+def _corners(box: tuple[float, float, float, float]) -> list[Point]:
+    x0, y0, x1, y1 = box
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+# -------------------------------------------------------------------------------------------- polygons
+
+def _polygon(value: Any, width: int, height: int, part: dict) -> list[Point]:
+    if not isinstance(value, (list, tuple)) or len(value) < 3:
+        raise SpecError(f"polygon must be a list of at least 3 [x, y] points, got {value!r}")
+    points = [tuple(_numbers(p, 2, "each polygon point [x, y]")) for p in value]
+    outside = [p for p in points if not (0 <= p[0] <= width and 0 <= p[1] <= height)]
+    if outside:
+        x, y = outside[0]
+        raise SpecError(f"{describe(part)} goes outside the {width}x{height} image: point "
+                        f"[{_fmt_num(x)}, {_fmt_num(y)}] (x must lie in [0, {width}], y in [0, {height}])")
+    return points  # type: ignore[return-value]
+
+
+def _polygon_mask(points: Sequence[Point], width: int, height: int) -> np.ndarray:
+    """Even-odd crossing test (PNPOLY) on pixel centres, vectorised over the polygon's bounding box.
+
+    A horizontal ray from the centre to +x crosses edge (a, b) when exactly one end is strictly below
+    the centre's y (``(ya > cy) != (yb > cy)``) and the crossing lies strictly right of it. This
+    half-open rule makes left/top edges inclusive and right/bottom edges exclusive, like boxes.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    mask = np.zeros((height, width), dtype=bool)
+    xs = np.arange(max(math.floor(pts[:, 0].min()) - 1, 0), min(math.ceil(pts[:, 0].max()) + 1, width))
+    ys = np.arange(max(math.floor(pts[:, 1].min()) - 1, 0), min(math.ceil(pts[:, 1].max()) + 1, height))
+    if xs.size == 0 or ys.size == 0:
+        return mask
+    cx = xs[None, :] + 0.5
+    cy = ys[:, None] + 0.5
+    inside = np.zeros((ys.size, xs.size), dtype=bool)
+    for (xa, ya), (xb, yb) in zip(pts, np.roll(pts, -1, axis=0)):
+        if ya == yb:
+            continue  # horizontal edges never straddle a ray
+        straddles = (ya > cy) != (yb > cy)  # (rows, 1)
+        x_cross = xa + (cy - ya) * (xb - xa) / (yb - ya)  # (rows, 1)
+        inside ^= straddles & (cx < x_cross)
+    mask[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] = inside
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+def _mask_file(value: Any, width: int, height: int, base_dir: Path, part: dict) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise SpecError(f"mask must be the path of an image file, got {value!r}")
+    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    if not path.is_file():
+        raise SpecError(f"mask file {value} not found (looked for {path})")
+    try:
+        with Image.open(path) as img:
+            # the size check comes from the header, before decoding: a wrong or huge file costs nothing
+            size = _upright_size(img)
+            if size != (width, height):
+                raise SpecError(f"mask {value} is {size[0]}x{size[1]} but the image is {width}x{height}: "
+                                f"a mask must have the image's size")
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "P":
+                img = img.convert("RGBA")  # palette index 0 is not necessarily black
+            pixels = np.asarray(img)
+    except SpecError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise SpecError(f"mask file {value} cannot be read ({path}): {exc}") from None
+    return pixels.any(axis=2) if pixels.ndim == 3 else pixels != 0
+
+
+def _upright_size(img: Any) -> tuple[int, int]:
+    """The size after EXIF rotation, as the image loader sees the photo."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is not the spec author's concern here
+        orientation = 1
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _mask_contours(mask: np.ndarray) -> list[list[Point]]:
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    return [[(float(x) + 0.5, float(y) + 0.5) for x, y in c.reshape(-1, 2)] for c in contours]
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+def _fmt_num(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt_value(v)}" for k, v in value.items()) + "}"
+    return _fmt_num(value)

@@ -1,0 +1,608 @@
+"""The HTML report QA reads: images drawn for humans, one card per case, written atomically.
+
+Two halves. The drawing half (``feature_grid``, ``colorize``, ``overlay``, ``colorbar``, ``draw_regions``,
+``render_case_assets``) turns arrays into screen-sized image files; pytest-xdist workers call it and write
+straight into the run's asset folder, so the controller never ships pixels between processes. The page
+half (``write_report``) runs once, on the controller, and only reads those files (sizes for the layout,
+bytes for the self-contained page).
+
+The page is rendered by jinja2 with autoescape on: case ids, labels, file names and messages come from
+specs and models and are never trusted. No torch here (see docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import unicodedata
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import cv2
+import jinja2
+import numpy as np
+from PIL import Image
+
+from audit.errors import AuditError, UnknownNameError, closest
+
+__all__ = ["feature_grid", "colorize", "overlay", "colorbar", "draw_regions", "outlines_from_mask",
+           "safe_stem", "ReportWriter", "check_writable", "new_run_dir", "render_case_assets",
+           "write_report", "SCHEMA_VERSION", "RUN_ID_PATTERN"]
+
+SCHEMA_VERSION = 1
+#: run ids look like ``20240131-235959-1a2b3c``; only folders matching this are ever deleted by us.
+RUN_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+
+COLORMAPS = {"jet": cv2.COLORMAP_JET, "viridis": cv2.COLORMAP_VIRIDIS, "turbo": cv2.COLORMAP_TURBO,
+             "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA}
+
+GREEN = (0, 220, 0)
+RED = (255, 40, 40)
+SEEN = (255, 200, 0)
+
+DISPLAY_MAX = 1024   # long side of full-size images in the report
+DISPLAY_MIN = 256    # small images (64x64 scenes) are upscaled to at least this long side
+GRID_MIN_TILE = 48   # feature maps smaller than this are upscaled (nearest) so the tiles are visible
+JPEG_QUALITY = 85
+
+
+# --------------------------------------------------------------------------------------------------
+# drawing
+
+
+def grid_columns(n: int) -> int:
+    """Columns of the classic notebook layout: 6 rows up to 96 maps (64 → 11, 72 → 12), square beyond."""
+    if n <= 0:
+        return 1
+    return math.ceil(n / 6) if n <= 96 else math.ceil(math.sqrt(n))
+
+
+def feature_grid(maps: np.ndarray, max_channels: int | None = None, columns: int | None = None,
+                 label: bool = True, upscale: int = 1, separator: int = 255) -> np.ndarray:
+    """One grey image of the first ``max_channels`` feature maps, each stretched to its own min..max.
+
+    Per-channel normalisation is what makes dead or weak channels visible at all; a constant channel is
+    black (not NaN). Built by reshaping one padded array so 512 channels cost the same as 8 plots would.
+    ``upscale`` repeats pixels (nearest) for tiny maps; separators are 1 px of ``separator`` grey.
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"feature_grid wants (C, h, w) maps, got shape {maps.shape}")
+    n = maps.shape[0] if max_channels is None else max(0, min(int(max_channels), maps.shape[0]))
+    x = maps[:n].astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if upscale > 1:
+        x = x.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    _, h, w = x.shape
+    cols = max(1, int(columns)) if columns else grid_columns(n)
+    rows = max(1, math.ceil(n / cols))
+
+    flat = x.reshape(n, -1)
+    lo = flat.min(axis=1) if n else np.zeros(0, np.float32)
+    span = (flat.max(axis=1) - lo) if n else np.zeros(0, np.float32)
+    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    norm = (x - lo[:, None, None]) * scale[:, None, None]
+    np.clip(norm, 0, 255, out=norm)
+    norm += 0.5
+
+    tiles = np.full((rows * cols, h + 1, w + 1), separator, dtype=np.uint8)
+    tiles[:n, :h, :w] = norm.astype(np.uint8)
+    if label:
+        _label_tiles(tiles, n, h, w)
+    grid = tiles.reshape(rows, cols, h + 1, w + 1).transpose(0, 2, 1, 3)
+    grid = grid.reshape(rows * (h + 1), cols * (w + 1))[:-1, :-1]
+    return np.ascontiguousarray(grid)
+
+
+def _label_tiles(tiles: np.ndarray, n: int, h: int, w: int) -> None:
+    """Channel index in the top-left corner, white on a black box so it reads on any tile."""
+    if min(h, w) < 16:
+        return
+    font, scale, thick = cv2.FONT_HERSHEY_PLAIN, (0.8 if min(h, w) >= 64 else 0.6), 1
+    for i in range(n):
+        text = str(i)
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        tile = tiles[i]
+        tile[0:th + base + 2, 0:tw + 3] = 0
+        cv2.putText(tile, text, (1, th + 1), font, scale, 255, thick, cv2.LINE_AA)
+
+
+def _colormap_code(colormap: str) -> int:
+    try:
+        return COLORMAPS[colormap.lower()]
+    except (KeyError, AttributeError):
+        raise UnknownNameError("colormap", colormap, closest(str(colormap), COLORMAPS)) from None
+
+
+def colorize(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """An RGB uint8 picture of a [0, 1] heatmap (values outside are clipped, NaN counts as 0)."""
+    code = _colormap_code(colormap)
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    u8 = np.uint8(np.clip(heat, 0.0, 1.0) * 255.0 + 0.5)
+    return cv2.cvtColor(cv2.applyColorMap(u8, code), cv2.COLOR_BGR2RGB)
+
+
+def _resize_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float32)
+    if (heat.shape[1], heat.shape[0]) == tuple(size):
+        return heat
+    return cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.4) -> Image.Image:
+    """The classic notebook's ``heatmap * 0.4 + img``, saturated at 255 (the heat is resized to the image)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colour = colorize(_resize_heat(heat, image.size), colormap).astype(np.float32)
+    out = np.clip(np.rint(colour * alpha + rgb), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "RGB")
+
+
+def colorbar(colormap: str = "jet", height: int = 256, width: int = 44) -> np.ndarray:
+    """A vertical colour bar (1 at the top, 0 at the bottom) with both ticks labelled, RGB uint8."""
+    height = max(int(height), 40)
+    pad = 8
+    bar_w = 14
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    ramp = np.linspace(1.0, 0.0, height - 2 * pad, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
+    img[pad:height - pad, 2:2 + bar_w] = colorize(ramp, colormap)
+    cv2.rectangle(img, (1, pad - 1), (2 + bar_w, height - pad), (80, 80, 80), 1)
+    font = cv2.FONT_HERSHEY_PLAIN
+    for text, y in (("1", pad), ("0", height - pad - 1)):
+        cv2.line(img, (2 + bar_w, y), (6 + bar_w, y), (0, 0, 0), 1)
+        (_, th), _ = cv2.getTextSize(text, font, 0.9, 1)
+        cv2.putText(img, text, (9 + bar_w, min(height - 2, max(th + 1, y + th // 2))), font, 0.9,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def outlines_from_mask(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Outer contours of a boolean mask as point lists, for ``draw_regions`` (mask and polygon regions)."""
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [[(int(p[0][0]), int(p[0][1])) for p in c] for c in contours if len(c) >= 1]
+
+
+def _points(outline: Sequence[Sequence[float]], scale: float) -> np.ndarray:
+    return np.array([[round(float(x) * scale), round(float(y) * scale)] for x, y in outline], dtype=np.int32)
+
+
+def _dashed(img: np.ndarray, pts: np.ndarray, colour, thickness: int, dash: int) -> None:
+    closed = np.vstack([pts, pts[:1]]).astype(np.float64)
+    for (x0, y0), (x1, y1) in zip(closed[:-1], closed[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        steps = max(1, int(length // dash))
+        for k in range(0, steps, 2):
+            a, b = k / steps, min(1.0, (k + 1) / steps)
+            p = (int(round(x0 + (x1 - x0) * a)), int(round(y0 + (y1 - y0) * a)))
+            q = (int(round(x0 + (x1 - x0) * b)), int(round(y0 + (y1 - y0) * b)))
+            cv2.line(img, p, q, colour, thickness, cv2.LINE_AA)
+
+
+def draw_regions(image: Image.Image, region_outlines: Iterable[Sequence[Sequence[float]]] | None,
+                 avoid_outlines: Iterable[Sequence[Sequence[float]]] | None,
+                 seen_box: Sequence[float] | None, scale: float = 1.0) -> Image.Image:
+    """The image as QA needs it: expected regions solid green, avoid regions dashed red, unseen part greyed.
+
+    Coordinates are in original-image pixels; ``scale`` maps them onto ``image`` when it was resized
+    for display. Greying out what a centre crop cut off explains a heatmap that stops at an edge.
+    """
+    img = np.array(image.convert("RGB"), dtype=np.uint8)
+    h, w = img.shape[:2]
+    thick = max(2, round(max(w, h) / 300))
+    if seen_box is not None:
+        x0, y0, x1, y1 = (float(v) * scale for v in seen_box)
+        x0, y0 = max(0, math.floor(x0 + 0.5)), max(0, math.floor(y0 + 0.5))
+        x1, y1 = min(w, math.floor(x1 + 0.5)), min(h, math.floor(y1 + 0.5))
+        if (x0 > 0 or y0 > 0 or x1 < w or y1 < h) and x1 > x0 and y1 > y0:
+            outside = np.ones((h, w), dtype=bool)
+            outside[y0:y1, x0:x1] = False
+            img[outside] = (img[outside].astype(np.float32) * 0.3 + 140 * 0.7).astype(np.uint8)
+            cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SEEN, max(1, thick - 1), cv2.LINE_AA)
+            _seen_label(img, (x0, y0, x1, y1))
+    for outline in avoid_outlines or ():
+        pts = _points(outline, scale)
+        if len(pts):
+            _dashed(img, pts, RED, thick, dash=max(6, 4 * thick))
+    for outline in region_outlines or ():
+        pts = _points(outline, scale)
+        if len(pts):
+            cv2.polylines(img, [pts], True, GREEN, thick, cv2.LINE_AA)
+    return Image.fromarray(img, "RGB")
+
+
+def _seen_label(img: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """'not seen by the model' in the widest greyed band, or on a dark strip at the top if none fits."""
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = box
+    text, font = "not seen by the model", cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.35, min(0.6, w / 900))
+    (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+    bands = [(y0, (4, y0 // 2 + th // 2)), (h - y1, (4, y1 + (h - y1) // 2 + th // 2)),
+             (x0, (2, h // 2)), (w - x1, (x1 + 2, h // 2))]
+    for i, (space, org) in enumerate(bands):
+        fits = space >= th + base + 4 if i < 2 else space >= tw + 4
+        if fits:
+            cv2.putText(img, text, org, font, scale, (30, 30, 30), 1, cv2.LINE_AA)
+            return
+    img[0:th + base + 6, 0:tw + 8] = (30, 30, 30)
+    cv2.putText(img, text, (4, th + 3), font, scale, SEEN, 1, cv2.LINE_AA)
+
+
+# --------------------------------------------------------------------------------------------------
+# case assets (workers)
+
+
+def safe_stem(text: str, max_len: int = 40) -> str:
+    """A file-name-safe, collision-free stem for any case id (unicode, HTML, slashes): ascii + short hash."""
+    ascii_ = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_).strip("-.")[:max_len].strip("-.")
+    digest = hashlib.sha1(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean}-{digest}" if clean else digest
+
+
+def _display_factor(size: tuple[int, int]) -> float:
+    long_side = max(size)
+    if long_side > DISPLAY_MAX:
+        return DISPLAY_MAX / long_side
+    if long_side < DISPLAY_MIN:
+        return float(math.ceil(DISPLAY_MIN / long_side))
+    return 1.0
+
+
+def _for_display(image: Image.Image, factor: float) -> Image.Image:
+    if factor == 1.0:
+        return image
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    # integer upscales of tiny synthetic scenes stay crisp; photos are downscaled with a good filter
+    return image.resize(size, Image.Resampling.NEAREST if factor > 1 else Image.Resampling.LANCZOS)
+
+
+def _thumb(image: Image.Image, thumb_size: int) -> Image.Image:
+    if max(image.size) <= thumb_size:
+        return image
+    t = image.copy()
+    t.thumbnail((thumb_size, thumb_size), Image.Resampling.LANCZOS)
+    return t
+
+
+def _save(image: Image.Image | np.ndarray, path: Path) -> None:
+    """Write through a temp file so a reader (or a second worker) never sees half a PNG."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        os.chmod(tmp, _file_mode())
+        with os.fdopen(fd, "wb") as fh:
+            if path.suffix == ".jpg":
+                image.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+            else:
+                image.save(fh, "PNG", compress_level=6)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _file_mode() -> int:
+    """The mode an ordinary ``open()`` would give (mkstemp's 0600 would hide the report from a web server)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _relative(asset_dir: Path, name: str) -> str:
+    """Asset path relative to the report folder (``out_dir/assets/<run>/x`` → ``assets/<run>/x``)."""
+    return str(PurePosixPath(asset_dir.parent.name, asset_dir.name, name))
+
+
+def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.ndarray | None,
+                       region_outlines: Iterable | None, avoid_outlines: Iterable | None,
+                       seen_box: Sequence[float] | None, features: Mapping[str, np.ndarray] | None,
+                       max_channels: Mapping[str, int | None] | None, colormap: str = "jet",
+                       baseline_heat: np.ndarray | None = None, thumb_size: int = 256) -> dict[str, Any]:
+    """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
+
+    Full-size pictures are capped at 1024 px (tiny scenes are upscaled to >= 256 px so QA can see them);
+    thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG.
+    """
+    asset_dir = Path(asset_dir)
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    stem = safe_stem(stem)
+    image = image.convert("RGB")
+    factor = _display_factor(image.size)
+    display = _for_display(image, factor)
+    out: dict[str, Any] = {}
+
+    def put(key: str, picture: Image.Image, suffix: str = ".jpg", thumb: bool = True) -> None:
+        name = f"{stem}-{key.replace('_', '-')}{suffix}"
+        _save(picture, asset_dir / name)
+        out[key] = _relative(asset_dir, name)
+        if thumb:
+            small = _thumb(picture, thumb_size)
+            if small is picture:   # already thumbnail-sized: one file serves both
+                out[f"{key}_thumb"] = out[key]
+                return
+            tname = f"{stem}-{key.replace('_', '-')}-thumb{suffix}"
+            _save(small, asset_dir / tname)
+            out[f"{key}_thumb"] = _relative(asset_dir, tname)
+
+    put("image", draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
+    if heat is not None:
+        heat_big = _resize_heat(heat, display.size)
+        put("heatmap", Image.fromarray(colorize(heat_big, colormap), "RGB"))
+        put("overlay", overlay(display, heat_big, colormap))
+        out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(display.height, thumb_size))
+    if baseline_heat is not None:
+        put("baseline_heatmap", Image.fromarray(colorize(_resize_heat(baseline_heat, display.size), colormap), "RGB"))
+    grids: dict[str, str] = {}
+    for layer, maps in (features or {}).items():
+        maps = np.asarray(maps)
+        small = min(maps.shape[1:]) if maps.ndim == 3 else GRID_MIN_TILE
+        up = math.ceil(GRID_MIN_TILE / small) if 0 < small < GRID_MIN_TILE else 1
+        grid = feature_grid(maps, (max_channels or {}).get(layer), upscale=up)
+        name = f"{stem}-grid-{safe_stem(layer, 24)}.png"
+        _save(grid, asset_dir / name)
+        grids[layer] = _relative(asset_dir, name)
+    out["grids"] = grids
+    return out
+
+
+def _shared_colorbar(asset_dir: Path, colormap: str, height: int) -> str:
+    name = f"colorbar-{colormap.lower()}-{height}.png"
+    if not (asset_dir / name).exists():
+        _save(colorbar(colormap, height), asset_dir / name)
+    return _relative(asset_dir, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# report folder (controller)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail at session start, before any model runs, if the report could not be written at the end."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except FileExistsError:
+        raise AuditError(f"report folder {out_dir} is not writable: it exists and is not a folder") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) != str(out_dir):
+            reason = f"{reason} ({exc.filename})"
+        raise AuditError(f"report folder {out_dir} is not writable: {reason}") from None
+
+
+def new_run_dir(out_dir: Path) -> tuple[str, Path]:
+    """A fresh ``out_dir/assets/<run_id>/`` for this run's pictures (timestamp + random, never reused)."""
+    assets = Path(out_dir) / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        try:
+            (assets / run_id).mkdir()
+            return run_id, assets / run_id
+        except FileExistsError:
+            continue
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: numpy scalars and arrays, paths and tuples converted; NaN/inf become null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+_ENV: jinja2.Environment | None = None
+
+
+def _env() -> jinja2.Environment:
+    global _ENV
+    if _ENV is None:
+        env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"),
+                                 autoescape=jinja2.select_autoescape(["html", "xml"]),
+                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        env.filters["num"] = _fmt_num
+        env.filters["pct"] = lambda v: "" if v is None else f"{100.0 * float(v):.1f}%"
+        _ENV = env
+    return _ENV
+
+
+def _fmt_num(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+class _Assets:
+    """Turns asset paths from the cases into what the page needs: URL (or data URI) and pixel size."""
+
+    MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+    def __init__(self, out_dir: Path, self_contained: bool):
+        self.out_dir = out_dir
+        self.self_contained = self_contained
+
+    def picture(self, rel: str | None, thumb_rel: str | None = None) -> dict | None:
+        """``{"src", "href", "width", "height"}`` of a picture shown as a thumbnail linking to full size."""
+        if not rel:
+            return None
+        full = self.out_dir / rel
+        if not full.is_file():
+            return None
+        shown = self.out_dir / thumb_rel if thumb_rel and (self.out_dir / thumb_rel).is_file() else full
+        width, height = _image_size(shown)
+        if self.self_contained:
+            # browsers refuse to navigate to data: URLs, so the page embeds the full picture once and
+            # shows it at thumbnail size; a click enlarges it in place (see report.js).
+            return {"src": self._data_uri(full), "href": None, "width": width, "height": height}
+        return {"src": self._url(thumb_rel if shown != full else rel), "href": self._url(rel),
+                "width": width, "height": height}
+
+    def _url(self, rel: str) -> str:
+        from urllib.parse import quote
+        return quote(rel)
+
+    def _data_uri(self, path: Path) -> str:
+        mime = self.MIME.get(path.suffix.lower(), "application/octet-stream")
+        return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:   # reads the header only
+        return im.size
+
+
+OUTCOME_ORDER = ("failed", "error", "passed", "skipped")
+
+
+def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
+    """Everything one card shows, resolved to pictures and plain values (the template only lays out)."""
+    a = case.get("assets") or {}
+    features = []
+    for f in case.get("features") or []:
+        shape = list(f.get("shape") or [])
+        c, h, w = (shape + [None, None, None])[:3]
+        features.append({"layer": f.get("layer"), "maps": c, "h": h, "w": w, "shown": f.get("shown"),
+                         "picture": assets.picture((a.get("grids") or {}).get(f.get("layer")))})
+    nodeid = str(case.get("nodeid") or "")
+    return {
+        "case": case,
+        "anchor": "case-" + safe_stem(nodeid or str(case.get("case_id"))),
+        "outcome": case.get("outcome") or "error",
+        "image": assets.picture(a.get("image"), a.get("image_thumb")),
+        "heatmap": assets.picture(a.get("heatmap"), a.get("heatmap_thumb")),
+        "overlay": assets.picture(a.get("overlay"), a.get("overlay_thumb")),
+        "colorbar": assets.picture(a.get("colorbar")),
+        "baseline_heatmap": assets.picture(a.get("baseline_heatmap"), a.get("baseline_heatmap_thumb")),
+        "features": features,
+        "duration_s": sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or []),
+    }
+
+
+def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> Iterator[dict[str, Any]]:
+    for case in cases:
+        yield _case_view(case, assets)
+
+
+def _run_view(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    counts = {k: 0 for k in OUTCOME_ORDER}
+    counts.update({k: int(v) for k, v in (run.get("counts") or {}).items()})
+    if not run.get("counts"):
+        for c in cases:
+            counts[c.get("outcome") or "error"] = counts.get(c.get("outcome") or "error", 0) + 1
+    return {"run": run, "counts": counts, "total": len(cases), "models": run.get("models") or [],
+            "versions": run.get("versions") or {}}
+
+
+def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[str]) -> str:
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=prefix, suffix=".tmp")
+    temps.append(tmp)
+    os.chmod(tmp, _file_mode())
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]], run_id: str,
+                 self_contained: bool = False) -> Path:
+    """Write ``results.json`` and ``index.html`` so the folder always holds one whole, readable report.
+
+    Both are rendered into temp files next to their targets and moved in with ``os.replace``;
+    ``index.html`` goes last and is the commit point. Only then are older runs' asset folders removed.
+    Any exception (KeyboardInterrupt included) before that leaves the previous report untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = list(cases)
+    temps: list[str] = []
+    try:
+        payload = {"schema_version": SCHEMA_VERSION, "run": _jsonable(dict(run)),
+                   "cases": _jsonable([dict(c) for c in cases])}
+        json_tmp = _write_temp(out_dir, ".results-", [json.dumps(payload, indent=1, ensure_ascii=False)],
+                               temps)
+        assets = _Assets(out_dir, self_contained)
+        template = _env().get_template("report.html")
+        html = template.generate(**_run_view(run, cases), cases=_views(cases, assets), run_id=run_id,
+                                 self_contained=self_contained, nonce=secrets.token_urlsafe(12),
+                                 schema_version=SCHEMA_VERSION)
+        html_tmp = _write_temp(out_dir, ".index-", html, temps)
+        os.replace(json_tmp, out_dir / "results.json")
+        temps.remove(json_tmp)
+        os.replace(html_tmp, out_dir / "index.html")
+        temps.remove(html_tmp)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _prune_assets(out_dir, keep=None if self_contained else run_id)
+    return out_dir / "index.html"
+
+
+def _prune_assets(out_dir: Path, keep: str | None) -> None:
+    """Remove asset folders of other runs (only names we create); everything else is the user's."""
+    assets = out_dir / "assets"
+    if not assets.is_dir():
+        return
+    for child in assets.iterdir():
+        if child.is_dir() and not child.is_symlink() and RUN_ID_PATTERN.match(child.name) and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        assets.rmdir()   # only succeeds when empty
+
+
+class ReportWriter:
+    """One report folder: the plugin keeps one of these in ``config.stash`` for the session."""
+
+    def __init__(self, out_dir: Path, self_contained: bool = False, colormap: str = "jet"):
+        self.out_dir = Path(out_dir)
+        self.self_contained = self_contained
+        self.colormap = colormap
+        self.run_id: str | None = None
+        self.asset_dir: Path | None = None
+
+    def check_writable(self) -> None:
+        check_writable(self.out_dir)
+
+    def new_run_dir(self) -> tuple[str, Path]:
+        self.run_id, self.asset_dir = new_run_dir(self.out_dir)
+        return self.run_id, self.asset_dir
+
+    def write(self, run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> Path:
+        if self.run_id is None:
+            raise RuntimeError("ReportWriter.write called before new_run_dir")
+        return write_report(self.out_dir, run, cases, self.run_id, self.self_contained)

@@ -1,0 +1,521 @@
+"""The report: pictures QA can read, one card per case, escaped text, atomic writes, one-file mode."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit import report as R
+from audit.errors import AuditError
+
+XSS = "<script>alert(1)</script>"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent: "Node | None"):
+        self.tag, self.attrs, self.parent, self.children, self.text = tag, attrs, parent, [], []
+
+    def iter(self, tag: str | None = None):
+        for child in self.children:
+            if tag is None or child.tag == tag:
+                yield child
+            yield from child.iter(tag)
+
+    def all_text(self) -> str:
+        return "".join(self.text) + "".join(c.all_text() for c in self.children)
+
+    def has_class(self, name: str) -> bool:
+        return name in (self.attrs.get("class") or "").split()
+
+
+class TreeBuilder(HTMLParser):
+    """A small element tree from the stdlib parser (no lxml dependency); void elements have no children."""
+
+    VOID = {"meta", "img", "br", "input", "link", "hr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {}, None)
+        self.cur = self.root
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs), self.cur)
+        self.cur.children.append(node)
+        if tag not in self.VOID:
+            self.cur = node
+
+    def handle_endtag(self, tag):
+        node = self.cur
+        while node is not self.root and node.tag != tag:
+            node = node.parent
+        if node is not self.root:
+            self.cur = node.parent
+
+    def handle_data(self, data):
+        self.cur.text.append(data)
+
+
+def parse(path: Path) -> Node:
+    builder = TreeBuilder()
+    builder.feed(path.read_text(encoding="utf-8"))
+    builder.close()
+    return builder.root
+
+
+def scene(size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    cv2.circle(arr, (size // 3, size // 3), size // 6, (250, 250, 250), -1)
+    return Image.fromarray(arr, "RGB")
+
+
+def box_outline(x0, y0, x1, y1):
+    return [(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)]
+
+
+def run_dict(counts=None) -> dict:
+    return {"started": "2024-05-01T10:00:00", "duration_s": 4.25,
+            "models": [{"key": "shapes", "arch": "shapes_vgg", "weights": "DEFAULT", "checkpoint": None,
+                        "fingerprint": "0123456789abcdef" * 4, "preprocess": "squash", "device": "cpu",
+                        "source": "zoo"}],
+            "versions": {"torch": "2.3.0", "torchvision": "0.18.0", "model_audit": "0.1.0", "python": "3.11.9"},
+            "counts": counts or {"passed": 1, "failed": 1, "skipped": 0, "error": 1},
+            "args": ["specs/shapes"], "device": "cpu"}
+
+
+def make_case(asset_dir: Path | None, case_id: str, outcome: str, label: str = "circle",
+              message: str = "energy inside the region 0.31 < 0.5", with_assets: bool = True) -> dict:
+    assets = {}
+    if asset_dir is not None and with_assets:
+        heat = np.zeros((8, 8), np.float32)
+        heat[2:5, 2:5] = 1.0
+        assets = R.render_case_assets(asset_dir, case_id, scene(), heat, [box_outline(10, 10, 32, 32)],
+                                      [box_outline(40, 40, 60, 60)], None,
+                                      {"features.4": np.random.default_rng(1).random((12, 16, 16), np.float32)},
+                                      {"features.4": None}, baseline_heat=heat.T)
+    return {"nodeid": f"specs/shapes/basic.yaml::{case_id}", "spec": "specs/shapes/basic.yaml", "line": 12,
+            "case_id": case_id, "model": "shapes", "image": "specs/shapes/img/c.png", "image_size": [64, 64],
+            "outcome": outcome,
+            "top_k": [{"index": 0, "label": label, "prob": 0.7, "expected": True},
+                      {"index": 1, "label": "square", "prob": 0.2, "expected": False},
+                      {"index": 2, "label": "triangle", "prob": 0.1, "expected": False}],
+            "target": {"index": 0, "label": label},
+            "checks": [{"kind": "prediction", "outcome": "passed", "message": "circle is top-1", "metrics": [],
+                        "duration_s": 0.01},
+                       {"kind": "focus", "outcome": outcome if outcome != "error" else "failed", "message": message,
+                        "metrics": [{"name": "energy_inside", "value": 0.31, "threshold": 0.5, "op": ">=",
+                                     "passed": False},
+                                    {"name": "pointing_game", "value": 1.0, "threshold": 1.0, "op": ">=",
+                                     "passed": True}],
+                        "duration_s": 0.02}],
+            "regions": {"region": "box [10, 10, 32, 32]", "avoid": "box [40, 40, 60, 60]"},
+            "seen_box": None, "crops": False, "assets": assets,
+            "baseline": {"heatmap_correlation": 0.93, "hot_iou": 0.61, "top1_then": "circle", "top1_now": label,
+                         "prob_drift": -0.02, "topk_overlap": 1.0,
+                         "recorded_with": {"torch": "2.2.0", "fingerprint": "0123456789ab"}},
+            "error": "ImageError: specs/shapes/img/c.png: truncated file" if outcome == "error" else None,
+            "features": [{"layer": "features.4", "shape": [12, 16, 16], "shown": 12}] if assets else []}
+
+
+@pytest.fixture
+def report_dir(tmp_path):
+    out = tmp_path / "reports"
+    R.check_writable(out)
+    run_id, asset_dir = R.new_run_dir(out)
+    return out, run_id, asset_dir
+
+
+def cards(root: Node) -> list[Node]:
+    return [n for n in root.iter("article") if n.has_class("card")]
+
+
+# ---------------------------------------------------------------------------------------------
+# feature grid
+
+
+@pytest.mark.parametrize("channels, cols, rows", [(64, 11, 6), (72, 12, 6), (6, 1, 6), (96, 16, 6), (512, 23, 23)])
+def test_feature_grid_uses_the_classic_notebook_layout(channels, cols, rows):
+    grid = R.feature_grid(np.random.default_rng(0).random((channels, 10, 20), np.float32), label=False)
+    assert grid.dtype == np.uint8
+    assert grid.shape == (rows * 11 - 1, cols * 21 - 1)
+
+
+def test_feature_grid_shows_only_the_first_max_channels():
+    maps = np.zeros((512, 8, 8), np.float32)
+    maps[:, 0, 0] = 1.0
+    grid = R.feature_grid(maps, max_channels=72, label=False)
+    assert grid.shape == (6 * 9 - 1, 12 * 9 - 1)
+
+
+def test_feature_grid_has_one_pixel_separators_between_tiles():
+    grid = R.feature_grid(np.zeros((4, 5, 5), np.float32), columns=2, label=False, separator=200)
+    assert grid.shape == (11, 11)
+    assert (grid[5, :] == 200).all() and (grid[:, 5] == 200).all()
+    assert (grid[:5, :5] == 0).all()
+
+
+def test_feature_grid_normalises_each_channel_to_its_own_range():
+    maps = np.stack([np.linspace(5, 6, 100, dtype=np.float32).reshape(10, 10),
+                     np.linspace(-1000, 3000, 100, dtype=np.float32).reshape(10, 10)])
+    grid = R.feature_grid(maps, columns=2, label=False)
+    first, second = grid[:10, :10], grid[:10, 11:21]
+    assert first.min() == 0 and first.max() == 255
+    assert second.min() == 0 and second.max() == 255
+    assert first[0, 0] == 0 and first[-1, -1] == 255
+
+
+def test_feature_grid_constant_and_nan_channels_are_black():
+    maps = np.stack([np.full((10, 10), 7.0, np.float32), np.full((10, 10), np.nan, np.float32)])
+    grid = R.feature_grid(maps, columns=2, label=False)
+    assert (grid[:10, :10] == 0).all() and (grid[:10, 11:] == 0).all()
+
+
+def test_feature_grid_labels_tiles_with_their_channel_index():
+    maps = np.zeros((3, 40, 40), np.float32)
+    labelled = R.feature_grid(maps, columns=3)
+    assert labelled[:15, :15].max() == 255          # white digits on the black box
+    assert (labelled[20:, :40] == 0).all()           # the rest of the tile stays untouched
+
+
+def test_feature_grid_upscale_repeats_pixels():
+    maps = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
+    grid = R.feature_grid(maps, upscale=3, label=False)
+    assert grid.shape == (6, 6)
+    assert (grid[:3, :3] == 0).all() and (grid[3:, 3:] == 255).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# colours, overlay, regions
+
+
+def test_colorize_is_cv2_jet_in_rgb_order():
+    heat = np.array([[0.0, 1.0]], np.float32)
+    rgb = R.colorize(heat)
+    assert rgb.shape == (1, 2, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 2] > 100 and rgb[0, 0, 0] == 0      # 0 → blue
+    assert rgb[0, 1, 0] > 100 and rgb[0, 1, 2] == 0      # 1 → red
+
+
+def test_colorize_unknown_colormap_names_the_choices():
+    with pytest.raises(AuditError, match="viridis"):
+        R.colorize(np.zeros((2, 2)), "viridiss")
+
+
+def test_overlay_is_the_classic_heatmap_times_04_plus_image():
+    img = np.array([[[10, 20, 30], [250, 250, 255]]], np.uint8)
+    heat = np.array([[0.0, 1.0]], np.float32)
+    bgr = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
+    expected = np.clip(np.rint(bgr[..., ::-1].astype(np.float64) * 0.4 + img), 0, 255).astype(np.uint8)
+    got = np.asarray(R.overlay(Image.fromarray(img, "RGB"), heat))
+    np.testing.assert_array_equal(got, expected)
+    assert got[0, 1, 0] == 255   # saturated, not wrapped around
+
+
+def test_colorbar_has_both_ends_of_the_colormap_and_tick_labels():
+    bar = R.colorbar("jet", 200)
+    assert bar.shape[0] == 200 and bar.shape[2] == 3
+    col = bar[:, 8]
+    assert col[10, 0] > 100 and col[10, 2] < 50        # red (1) near the top
+    assert col[-10, 2] > 100 and col[-10, 0] < 50      # blue (0) near the bottom
+    assert (bar[:, 20:] < 100).all(axis=2).any()       # dark tick text right of the bar
+
+
+def test_draw_regions_outlines_expected_region_in_green_and_avoid_in_red():
+    img = Image.new("RGB", (100, 100), (0, 0, 0))
+    out = np.asarray(R.draw_regions(img, [box_outline(10, 10, 50, 50)], [box_outline(60, 60, 90, 90)], None))
+    green = (out[..., 1] > 150) & (out[..., 0] < 80) & (out[..., 2] < 80)
+    red = (out[..., 0] > 150) & (out[..., 1] < 80)
+    assert green[10, 30] and green[30, 10] and not green[30, 30]
+    assert red[60:62, 60:90].any() and not red[75, 75]
+
+
+def test_draw_regions_greys_out_what_the_model_never_saw():
+    img = Image.new("RGB", (200, 100), (0, 0, 200))
+    out = np.asarray(R.draw_regions(img, [], [], (50, 0, 150, 100)))
+    assert tuple(out[50, 100]) == (0, 0, 200)               # seen part untouched
+    assert abs(int(out[90, 20, 0]) - int(out[90, 20, 2])) < 80   # outside pushed to grey
+    assert out[50, 50, 0] > 200 and out[50, 50, 2] < 50     # amber seen box
+
+
+def test_draw_regions_leaves_the_image_alone_when_the_model_saw_everything():
+    img = Image.new("RGB", (50, 40), (9, 9, 9))
+    out = np.asarray(R.draw_regions(img, None, None, (0, 0, 50, 40)))
+    assert (out == 9).all()
+
+
+def test_outlines_from_mask_trace_the_mask_border():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 4:12] = True
+    (outline,) = R.outlines_from_mask(mask)
+    xs, ys = zip(*outline)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (4, 11, 5, 14)
+
+
+# ---------------------------------------------------------------------------------------------
+# case assets
+
+
+def test_safe_stem_survives_any_case_id():
+    stems = {R.safe_stem(s) for s in ["a/b", "a\\b", XSS, "ü∆🙂", "..", "a b", "a-b"]}
+    assert len(stems) == 7
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", s) and not s.startswith(".") for s in stems)
+
+
+def test_render_case_assets_writes_decodable_files_sized_for_the_screen(report_dir):
+    out, run_id, asset_dir = report_dir
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8))
+    heat = np.random.default_rng(1).random((14, 14), np.float32)
+    maps = np.random.default_rng(2).random((512, 7, 7), np.float32)
+    a = R.render_case_assets(asset_dir, "dog/01 <b>", photo, heat, [box_outline(100, 100, 900, 900)], [],
+                             (250, 0, 1750, 1500), {"features.30": maps}, {"features.30": 72},
+                             baseline_heat=heat, thumb_size=200)
+    for key in ["image", "heatmap", "overlay", "baseline_heatmap"]:
+        assert a[key].startswith(f"assets/{run_id}/")
+        with Image.open(out / a[key]) as full:
+            assert full.size == (1024, 768)
+            assert full.format == "JPEG"
+        with Image.open(out / a[f"{key}_thumb"]) as thumb:
+            assert thumb.size == (200, 150)
+    with Image.open(out / a["grids"]["features.30"]) as grid:
+        grid.load()
+        assert grid.format == "PNG" and grid.mode == "L"
+        assert grid.size == (12 * 50 - 1, 6 * 50 - 1)      # 72 maps, 7x7 upscaled x7 to 49 px tiles
+    with Image.open(out / a["colorbar"]) as bar:
+        assert bar.format == "PNG"
+    assert not [p for p in asset_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
+    out, _, asset_dir = report_dir
+    a = R.render_case_assets(asset_dir, "c1", scene(64), np.ones((64, 64), np.float32), [], [], None, {}, {})
+    for key in ["image", "heatmap", "overlay", "image_thumb"]:
+        with Image.open(out / a[key]) as im:
+            assert im.size == (256, 256)
+    assert a["grids"] == {}
+    assert "baseline_heatmap" not in a
+
+
+def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
+    out, _, asset_dir = report_dir
+    a = R.render_case_assets(asset_dir, "c1", scene(), None, None, None, None, None, None)
+    assert set(a) == {"image", "image_thumb", "grids"}
+
+
+# ---------------------------------------------------------------------------------------------
+# report folder
+
+
+def test_check_writable_creates_the_folder(tmp_path):
+    R.check_writable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []
+
+
+def test_check_writable_names_the_folder_it_cannot_write(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "reports"
+    with pytest.raises(AuditError, match=re.escape(f"report folder {target} is not writable: ")):
+        R.check_writable(target)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500")
+def test_check_writable_rejects_a_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(AuditError, match="not writable"):
+            R.check_writable(ro)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_new_run_dir_is_unique_under_assets(tmp_path):
+    ids = {R.new_run_dir(tmp_path)[0] for _ in range(5)}
+    assert len(ids) == 5
+    assert all(R.RUN_ID_PATTERN.match(i) and (tmp_path / "assets" / i).is_dir() for i in ids)
+
+
+def three_cases(asset_dir: Path) -> list[dict]:
+    return [make_case(asset_dir, "circle-01", "failed"), make_case(asset_dir, "circle-02", "passed"),
+            make_case(asset_dir, "broken-03", "error", with_assets=False)]
+
+
+def test_write_report_has_one_card_per_case_in_spec_order(report_dir):
+    out, run_id, asset_dir = report_dir
+    cases = three_cases(asset_dir)
+    index = R.write_report(out, run_dict(), cases, run_id)
+    assert index == out / "index.html"
+    found = cards(parse(index))
+    assert [c.attrs["data-outcome"] for c in found] == ["failed", "passed", "error"]
+    assert [c.attrs["data-case-id"] for c in found] == ["circle-01", "circle-02", "broken-03"]
+    assert "specs/shapes/basic.yaml:12" in found[0].all_text()
+
+
+def test_write_report_images_exist_and_thumbnails_link_to_full_size(report_dir):
+    out, run_id, asset_dir = report_dir
+    root = parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id))
+    imgs = list(root.iter("img"))
+    assert len(imgs) >= 2 * 6
+    for img in imgs:
+        assert (out / img.attrs["src"]).is_file(), img.attrs["src"]
+        assert int(img.attrs["width"]) > 0 and int(img.attrs["height"]) > 0
+    links = [a for a in root.iter("a") if any(True for _ in a.iter("img"))]
+    assert links and all((out / a.attrs["href"]).is_file() for a in links)
+    failed = cards(root)[0]
+    alts = {i.attrs["alt"] for i in failed.iter("img")}
+    assert {"image with regions", "heatmap", "baseline heatmap", "overlay", "colour bar: 0 to 1",
+            "feature maps of features.4"} <= alts
+
+
+def test_write_report_shows_top_k_metrics_baseline_and_grids(report_dir):
+    out, run_id, asset_dir = report_dir
+    card = cards(parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id)))[0]
+    topk = next(s for s in card.iter("section") if s.has_class("topk"))
+    rows = list(next(topk.iter("tbody")).iter("tr"))
+    assert len(rows) == 3
+    assert rows[0].has_class("expected") and not rows[1].has_class("expected")
+    bars = [s.attrs["style"] for s in topk.iter("span") if s.has_class("bar")]
+    assert bars == ["width: 70.0%", "width: 20.0%", "width: 10.0%"]
+    metrics = [m for m in card.iter("table") if m.has_class("metrics")]
+    cells = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(metrics[0].iter("tbody")).iter("tr")]
+    assert cells == [["energy_inside", "0.31", ">=", "0.5", "FAIL"], ["pointing_game", "1", ">=", "1", "pass"]]
+    pres = [p.all_text() for p in card.iter("pre")]
+    assert "energy inside the region 0.31 < 0.5" in pres
+    baseline = next(s for s in card.iter("section") if s.has_class("baseline"))
+    assert "0.93" in baseline.all_text() and "circle → circle" in baseline.all_text()
+    grid = next(s for s in card.iter("section") if s.has_class("grid"))
+    assert "features.4: 12 maps of 16×16, showing 12" in grid.all_text()
+
+
+def test_write_report_shows_errors_prominently_and_run_header(report_dir):
+    out, run_id, asset_dir = report_dir
+    root = parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id))
+    err = cards(root)[2]
+    assert [p.all_text() for p in err.iter("pre") if p.has_class("error-message")] == [
+        "ImageError: specs/shapes/img/c.png: truncated file"]
+    header = next(h for h in root.iter("header") if h.has_class("run"))
+    text = header.all_text()
+    for needle in ["shapes_vgg", "weights DEFAULT", "0123456789ab", "squash", "torch 2.3.0",
+                   "torchvision 0.18.0", "model-audit 0.1.0", "4.25 s", "1 failed", "1 errors", "1 passed"]:
+        assert needle in text, needle
+    assert "0123456789abcdef0123" not in text    # fingerprint shortened
+    filters = [b.attrs["data-filter"] for b in header.iter("button")]
+    assert filters == ["all", "failed", "error", "passed", "skipped"]
+
+
+def test_write_report_page_needs_nothing_from_the_network(report_dir):
+    out, run_id, asset_dir = report_dir
+    html = R.write_report(out, run_dict(), three_cases(asset_dir), run_id).read_text()
+    assert "http://" not in html and "https://" not in html and "<link" not in html
+    root = parse(out / "index.html")
+    assert all("src" not in s.attrs for s in root.iter("script"))
+
+
+def test_write_report_escapes_everything_from_specs_and_labels(report_dir):
+    out, run_id, asset_dir = report_dir
+    case = make_case(asset_dir, XSS, "failed", label=XSS, message=XSS)
+    case["regions"]["region"] = XSS
+    case["error"] = XSS
+    run = run_dict()
+    run["models"][0]["arch"] = XSS
+    html = R.write_report(out, run, [case], run_id).read_text()
+    assert XSS not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    root = parse(out / "index.html")
+    scripts = list(root.iter("script"))
+    assert len(scripts) == 1 and "alert(1)" not in scripts[0].all_text()
+    card = cards(root)[0]
+    assert card.attrs["data-case-id"] == XSS     # attribute value, decoded by the parser: data, not markup
+    assert XSS in card.all_text()
+
+
+def test_write_report_writes_results_json(report_dir):
+    out, run_id, asset_dir = report_dir
+    cases = three_cases(asset_dir)
+    cases[0]["checks"][1]["metrics"][0]["value"] = np.float32(float("nan"))
+    R.write_report(out, run_dict(), cases, run_id)
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["run"]["versions"]["torch"] == "2.3.0"
+    assert [c["case_id"] for c in data["cases"]] == ["circle-01", "circle-02", "broken-03"]
+    assert data["cases"][0]["checks"][1]["metrics"][0]["value"] is None
+    assert data["cases"][0]["assets"]["grids"]["features.4"].startswith(f"assets/{run_id}/")
+
+
+def test_write_report_removes_only_older_runs_we_created(tmp_path):
+    out = tmp_path / "r"
+    old_id, old_dir = R.new_run_dir(out)
+    R.write_report(out, run_dict(), [make_case(old_dir, "a", "passed")], old_id)
+    (out / "assets" / "mine").mkdir()
+    (out / "notes.txt").write_text("keep")
+    new_id, new_dir = R.new_run_dir(out)
+    R.write_report(out, run_dict(), [make_case(new_dir, "a", "passed")], new_id)
+    assert sorted(p.name for p in (out / "assets").iterdir()) == sorted(["mine", new_id])
+    assert (out / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_a_crash_while_rendering_leaves_the_previous_report_intact(tmp_path, monkeypatch, exc):
+    out = tmp_path / "r"
+    old_id, old_dir = R.new_run_dir(out)
+    R.write_report(out, run_dict(), [make_case(old_dir, "a", "passed")], old_id)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    new_id, new_dir = R.new_run_dir(out)
+    cases = [make_case(new_dir, f"c{i}", "failed") for i in range(3)]
+    real = R._case_view
+    calls = []
+
+    def explode_on_second(case, assets):
+        calls.append(case["case_id"])
+        if len(calls) == 2:
+            raise exc
+        return real(case, assets)
+
+    monkeypatch.setattr(R, "_case_view", explode_on_second)
+    with pytest.raises(type(exc)):
+        R.write_report(out, run_dict(), cases, new_id)
+    assert calls == ["c0", "c1"]        # it really died midway through the page
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before              # same files, same bytes: no temp files, old page untouched
+    assert (out / "assets" / old_id).is_dir()
+
+
+def test_self_contained_report_is_one_file_with_inlined_pictures(report_dir):
+    out, run_id, asset_dir = report_dir
+    index = R.write_report(out, run_dict(), three_cases(asset_dir), run_id, self_contained=True)
+    assert not (out / "assets").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "results.json"]
+    root = parse(index)
+    imgs = list(root.iter("img"))
+    assert len(imgs) >= 12
+    for img in imgs:
+        src = img.attrs["src"]
+        assert src.startswith("data:image/"), src[:40]
+        header, payload = src.split(",", 1)
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as im:
+            im.load()
+            assert im.size[0] > 0
+    assert not [a for a in root.iter("a") if "assets/" in (a.attrs.get("href") or "")]
+
+
+def test_report_writer_wraps_the_module_functions(tmp_path):
+    w = R.ReportWriter(tmp_path / "rep")
+    w.check_writable()
+    run_id, asset_dir = w.new_run_dir()
+    index = w.write(run_dict(), [make_case(asset_dir, "a", "passed")])
+    assert index.is_file() and (tmp_path / "rep" / "assets" / run_id).is_dir()
