@@ -1,0 +1,303 @@
+"""One audit session: models loaded once, images observed once in batches, results gathered.
+
+The pytest hooks in :mod:`audit.plugin` stay thin and hand everything to an :class:`AuditSession`
+(syrupy's shape). The session owns the three caches that make the suite fast:
+
+* engines: one loaded model per model spec (and device) for the whole session; a model that fails to
+  load fails once, and every case of it reports the same one-line reason;
+* observations: the first check of a case observes it *and the next cases of the same model* in one
+  batched forward pass; every later check of those cases reuses the observation;
+* prepared inputs: labels, layers, regions and the decoded image of a case, resolved once.
+
+Checks get plain data (numpy arrays, resolved class indices) and never see torch.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from audit import checks, regions
+from audit.errors import AuditError, SpecError, UnknownNameError
+from audit.spec import CaseSpec, ModelSpec, Spec
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """A case as the session knows it: where it comes from and the node id prefix of its items."""
+
+    nodeid: str
+    spec: Spec
+    case: CaseSpec
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+
+@dataclass
+class Prepared:
+    """A case's inputs resolved against its model: what the forward pass and the checks consume."""
+
+    ref: CaseRef
+    image: Image.Image
+    target: int | None
+    prediction: checks.PredictionExpectation | None
+    expected_labels: set[int]
+    focus_region: Any = None          # bool mask or None
+    avoid_region: Any = None
+    region_outlines: list = field(default_factory=list)
+    avoid_outlines: list = field(default_factory=list)
+
+
+@dataclass
+class Observation:
+    """What the model did on one case: the engine's explanation plus the resolved inputs."""
+
+    prepared: Prepared
+    explanation: Any  # audit.engine.Explanation
+    seconds: float
+
+
+class ModelUnavailable(AuditError):
+    """The model of a case cannot run here (weights not available offline): its cases are skipped."""
+
+
+class AuditSession:
+    """Session-wide state of the plugin; see the module docstring."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 16, cache_size: int | None = None):
+        self.device = device
+        self.batch_size = max(1, batch_size)
+        self.cache_size = cache_size or 4 * self.batch_size
+        self.refs: dict[str, CaseRef] = {}
+        self._queue: dict[tuple, list[str]] = {}
+        self._engines: dict[tuple, Any] = {}
+        self._observations: "OrderedDict[str, Observation | AuditError]" = OrderedDict()
+        self._remaining: dict[str, int] = {}
+        self.stats = {"model_loads": 0, "forward_passes": 0, "images": 0, "model_load_s": 0.0,
+                      "forward_s": 0.0}
+        self.model_info: dict[str, dict] = {}
+
+    # -- collection ---------------------------------------------------------------------------------
+    def schedule(self, refs_and_checks: list[tuple[CaseRef, int]]) -> None:
+        """Remember the selected cases in run order (after -k/-m/--lf) and how many checks each has."""
+        self.refs.clear()
+        self._queue.clear()
+        self._remaining.clear()
+        for ref, n_checks in refs_and_checks:
+            if ref.nodeid not in self.refs:
+                self.refs[ref.nodeid] = ref
+                self._queue.setdefault(self.model_key(ref.model), []).append(ref.nodeid)
+            self._remaining[ref.nodeid] = self._remaining.get(ref.nodeid, 0) + n_checks
+
+    def model_key(self, model: ModelSpec) -> tuple:
+        return (model.key(), self.device)
+
+    # -- models -------------------------------------------------------------------------------------
+    def engine(self, model: ModelSpec):
+        """The engine of a model spec, loaded on first use and kept for the session."""
+        key = self.model_key(model)
+        if key not in self._engines:
+            self._engines[key] = self._load(model)
+        found = self._engines[key]
+        if isinstance(found, AuditError):
+            raise found
+        return found
+
+    def _load(self, model: ModelSpec):
+        from audit.engine import Engine
+        from audit.errors import WeightsUnavailable
+        from audit.models import load
+
+        started = time.perf_counter()
+        try:
+            loaded = load(model.arch, weights=model.weights, checkpoint=model.checkpoint, labels=model.labels,
+                          device=self.device, seed=model.seed)
+            engine = Engine(loaded)
+            if model.cam_layer:
+                engine.resolve_layer(model.cam_layer)
+        except WeightsUnavailable as exc:
+            return ModelUnavailable(str(exc))
+        except UnknownNameError as exc:
+            return _located(exc, model.location.path, model.location.line, "model")
+        except AuditError as exc:
+            return _located(exc, model.location.path, model.location.line, "model")
+        self.stats["model_loads"] += 1
+        self.stats["model_load_s"] += time.perf_counter() - started
+        self.model_info[model_label(model)] = {
+            "key": model_label(model), "arch": model.arch, "weights": model.weights,
+            "checkpoint": str(model.checkpoint) if model.checkpoint else None,
+            "fingerprint": loaded.fingerprint, "preprocess": model.preprocess, "device": self.device,
+            "source": loaded.source, "cam_layer": model.cam_layer or engine.default_cam_layer}
+        return engine
+
+    # -- observations -------------------------------------------------------------------------------
+    def observe(self, nodeid: str) -> Observation:
+        """The observation of a case; computing it also observes the next cases of the same model."""
+        found = self._observations.get(nodeid)
+        if found is None:
+            self._observe_batch(nodeid)
+            found = self._observations[nodeid]
+        self._observations.move_to_end(nodeid)
+        if isinstance(found, AuditError):
+            raise found
+        return found
+
+    def done(self, nodeid: str) -> None:
+        """One check of a case finished: drop its observation once every selected check has run."""
+        left = self._remaining.get(nodeid, 0) - 1
+        self._remaining[nodeid] = left
+        if left <= 0:
+            self._observations.pop(nodeid, None)
+
+    def _observe_batch(self, nodeid: str) -> None:
+        ref = self.refs[nodeid]
+        queue = self._queue.get(self.model_key(ref.model), [nodeid])
+        start = queue.index(nodeid) if nodeid in queue else 0
+        batch = [n for n in queue[start:] if n not in self._observations][: self.batch_size]
+        if nodeid not in batch:
+            batch = [nodeid] + batch[: self.batch_size - 1]
+        try:
+            engine = self.engine(ref.model)
+        except AuditError as exc:
+            for n in batch:
+                self._store(n, exc)
+            return
+        prepared: list[Prepared] = []
+        for n in batch:
+            try:
+                prepared.append(self._prepare(self.refs[n], engine))
+            except AuditError as exc:
+                self._store(n, exc)
+        if not prepared:
+            return
+        layers = list(dict.fromkeys(f.layer for p in prepared for f in p.ref.case.features))
+        started = time.perf_counter()
+        explanations = engine.explain(
+            [p.image for p in prepared], top_k=max(max(p.ref.case.top_k, 5) for p in prepared),
+            cam_layer=ref.model.cam_layer, feature_layers=layers,
+            targets=[p.target for p in prepared], preprocess=ref.model.preprocess, batch_size=len(prepared))
+        seconds = time.perf_counter() - started
+        self.stats["forward_passes"] += 1
+        self.stats["images"] += len(prepared)
+        self.stats["forward_s"] += seconds
+        for p, e in zip(prepared, explanations):
+            self._store(p.ref.nodeid, Observation(p, e, seconds / len(prepared)))
+
+    def _store(self, nodeid: str, value: Observation | AuditError) -> None:
+        self._observations[nodeid] = value
+        while len(self._observations) > self.cache_size:
+            self._observations.popitem(last=False)
+
+    def _prepare(self, ref: CaseRef, engine) -> Prepared:
+        """Resolve a case's labels, layers, image and regions; any problem is this case's alone."""
+        from audit.images import load_image
+
+        case, path = ref.case, ref.spec.path
+        if case.error is not None:
+            raise case.error
+        for i, request in enumerate(case.features):
+            try:
+                engine.resolve_layer(request.layer)
+            except UnknownNameError as exc:
+                raise _located(exc, path, case.line_of(f"features[{i}]"), f"{_key(case)}.features[{i}]")
+        prediction, expected = self._prediction(ref, engine)
+        target = None
+        if case.focus is not None and case.focus.target is not None:
+            target = self._resolve(engine, case.focus.target, ref, "focus.target")
+        try:
+            image = load_image(case.image)
+        except AuditError as exc:
+            raise SpecError(str(exc), path, case.line_of("image"), f"{_key(case)}.image")
+        prepared = Prepared(ref, image, target, prediction, expected)
+        if case.focus is not None:
+            base = Path(path).parent
+            size = image.size
+            for attr, outlines, key in (("region", "region_outlines", "focus.region"),
+                                        ("avoid", "avoid_outlines", "focus.avoid")):
+                value = getattr(case.focus, attr)
+                if not value:
+                    continue
+                try:
+                    mask = regions.region_mask(list(value), size, base)
+                    setattr(prepared, outlines, regions.region_outline(list(value), size, base))
+                except SpecError as exc:
+                    raise exc.located(path, case.line_of(key), f"{_key(case)}.{key}")
+                setattr(prepared, "focus_region" if attr == "region" else "avoid_region", mask)
+        return prepared
+
+    def _prediction(self, ref: CaseRef, engine) -> tuple[checks.PredictionExpectation | None, set[int]]:
+        expect = ref.case.expect
+        if expect is None:
+            return None, set()
+
+        def many(name: str) -> tuple[int, ...]:
+            return tuple(self._resolve(engine, label, ref, f"expect.{name}[{i}]")
+                         for i, label in enumerate(getattr(expect, name)))
+
+        top1 = self._resolve(engine, expect.top1, ref, "expect.top1") if expect.top1 is not None else None
+        expectation = checks.PredictionExpectation(
+            top_k=ref.case.top_k, top1=top1, in_top_k=many("in_top_k"), any_in_top_k=many("any_in_top_k"),
+            not_in_top_k=many("not_in_top_k"), min_prob=expect.min_prob)
+        expected = {i for i in (top1, *expectation.in_top_k, *expectation.any_in_top_k) if i is not None}
+        return expectation, expected
+
+    @staticmethod
+    def _resolve(engine, label: Any, ref: CaseRef, key: str) -> int:
+        try:
+            return engine.resolve_class(label)
+        except AuditError as exc:
+            raise _located(exc, ref.spec.path, ref.case.line_of(key), f"{_key(ref.case)}.{key}")
+
+    # -- checks -------------------------------------------------------------------------------------
+    def check(self, kind: str, observation: Observation, engine=None) -> checks.CheckResult:
+        """Run one check kind on an observation (pure functions; nothing here touches torch)."""
+        prepared, explanation = observation.prepared, observation.explanation
+        if kind == "prediction":
+            return checks.check_prediction(explanation.top_k, prepared.prediction, self._name_of(prepared))
+        if kind == "focus":
+            focus = prepared.ref.case.focus
+            target = prepared.target if prepared.target is not None else explanation.top_k[0].index
+            heat = explanation.cams[target]
+            expectation = checks.FocusExpectation(
+                region=prepared.focus_region, region_desc=regions.describe(list(focus.region or [])),
+                min_energy=focus.min_energy, pointing_game=focus.pointing_game,
+                tolerance_px=focus.tolerance_px, min_iou=focus.min_iou, iou_threshold=focus.iou_threshold,
+                min_rank_accuracy=focus.min_rank_accuracy, avoid=prepared.avoid_region,
+                avoid_desc=regions.describe(list(focus.avoid)) if focus.avoid else "",
+                max_energy_in_avoid=focus.max_energy_in_avoid,
+                target_desc=f"{self._name_of(prepared)(target)!r} (#{target})")
+            return checks.check_focus(heat, expectation)
+        raise ValueError(f"unknown check kind {kind!r}")
+
+    def _name_of(self, prepared: Prepared):
+        engine = self._engines[self.model_key(prepared.ref.model)]
+        return engine.label
+
+
+def model_label(model: ModelSpec) -> str:
+    """A short human name of a model spec, used as its key in the report."""
+    source = f"checkpoint {model.checkpoint.name}" if model.checkpoint else f"weights {model.weights}"
+    return f"{model.arch} ({source}, {model.preprocess})"
+
+
+def _key(case: CaseSpec) -> str:
+    return case.location.key_path or f"cases[{case.id}]"
+
+
+def _located(exc: AuditError, path: Path, line: int | None, key_path: str) -> SpecError:
+    """Turn a name error found at run time into a spec error that points at the spec line."""
+    return SpecError(str(exc), path, line, key_path)
+
+
+def heat_for_report(observation: Observation) -> np.ndarray:
+    """The heatmap the report shows: the focus target's, else the top-1's."""
+    e = observation.explanation
+    target = observation.prepared.target
+    return e.cams[target] if target is not None and target in e.cams else e.cam
