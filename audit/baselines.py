@@ -1,0 +1,480 @@
+"""Baselines: what a model did on each case, recorded once and compared on every later run.
+
+Why: an upgrade (torch, torchvision, new weights, a changed preprocessing) can change predictions and
+explanations without breaking any hand-written expectation. ``--audit-update-baselines`` records, per
+case, the top-k, the low-resolution Grad-CAM (float16), a hash of the image, the model fingerprint and
+the library versions; a normal run compares today's explanation with it under tolerances the spec can
+set (DESIGN.md "Baselines").
+
+Storage is one JSON + one ``.npy`` per case beside the spec (``<spec dir>/baselines/<spec stem>/``), so
+pytest-xdist workers never write the same file and a review diff shows one case per file. The JSON is
+sorted and indented for human review; probabilities are rounded to 6 decimals. Every file is written
+through a temp file and ``os.replace``, the ``.npy`` first and the JSON last (the JSON is the commit
+point: a baseline without its JSON does not exist).
+
+This module never imports torch (numpy, cv2 and json only): versions come from package metadata.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from audit.checks import CheckResult, Metric
+from audit.errors import AuditError
+
+__all__ = ["Baseline", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
+           "pearson", "hot_iou", "topk_overlap", "prob_drift", "compare", "deltas", "HOT_FRACTION"]
+
+SCHEMA_VERSION = 1
+HOT_FRACTION = 0.5
+"""A pixel is "hot" at >= this fraction of its map's maximum (``hot_iou``)."""
+
+UPDATE_HINT = "re-record with --audit-update-baselines"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_STEM = 100
+_JSON_FIELDS = ("case_id", "cam_layer", "heatmap", "image_sha256", "model_fingerprint", "preprocess",
+                "recorded_at", "schema_version", "target", "top_k", "versions")
+
+
+# ------------------------------------------------------------------------------------------- record
+
+@dataclass(frozen=True, eq=False)
+class Baseline:
+    """One case's recording (or today's observation in the same shape, to compare with it).
+
+    ``heatmap`` is the low-resolution Grad-CAM of class ``target`` (ReLU'd, max-normalised, float16).
+    ``probs`` is today's full softmax when known; it is never stored (a recording keeps only its top-k)
+    and lets ``prob_drift`` see classes that left today's top-k. ``eq=False``: arrays compare by identity.
+    """
+
+    case_id: str
+    top_k: list[dict[str, Any]]
+    target: int
+    heatmap: np.ndarray
+    image_sha256: str
+    model_fingerprint: str
+    preprocess: str
+    cam_layer: str
+    versions: dict[str, str]
+    recorded_at: str
+    probs: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_explanation(cls, case_id: str, explanation: Any, image: str | Path, model_fingerprint: str,
+                         preprocess: str, target: int | None = None,
+                         image_sha256: str | None = None) -> "Baseline":
+        """Build from an engine ``Explanation`` (duck-typed: ``top_k``, ``target``, ``cams_lowres``,
+        ``cam_layer``, optional ``probs``).
+
+        ``target``: the class whose heatmap is kept; default ``explanation.target`` (the focus target,
+        else the top-1). Pass the recorded baseline's target when today's explanation has its map, so
+        both sides show the same class. ``image_sha256`` skips re-hashing when the caller has it.
+        """
+        cams = explanation.cams_lowres
+        chosen = int(target) if target is not None and int(target) in cams else int(explanation.target)
+        probs = getattr(explanation, "probs", None)
+        return cls(
+            case_id=str(case_id),
+            top_k=[_ranked_dict(r) for r in explanation.top_k],
+            target=chosen,
+            heatmap=np.asarray(cams[chosen], dtype=np.float32).astype(np.float16),
+            image_sha256=image_sha256 or sha256_file(image),
+            model_fingerprint=str(model_fingerprint),
+            preprocess=str(preprocess),
+            cam_layer=str(explanation.cam_layer),
+            versions=current_versions(),
+            recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            probs=None if probs is None else np.asarray(probs, dtype=np.float64))
+
+    def label_of(self, index: int) -> str | None:
+        for r in self.top_k:
+            if int(r["index"]) == int(index):
+                return str(r["label"])
+        return None
+
+    def to_json(self, npy_name: str) -> dict[str, Any]:
+        """The reviewable JSON document (the heatmap itself lives in ``npy_name``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "case_id": self.case_id,
+            "top_k": [_ranked_dict(r) for r in self.top_k],
+            "target": int(self.target),
+            "heatmap": {"file": npy_name, "shape": [int(s) for s in self.heatmap.shape], "dtype": "float16"},
+            "image_sha256": self.image_sha256,
+            "model_fingerprint": self.model_fingerprint,
+            "preprocess": self.preprocess,
+            "cam_layer": self.cam_layer,
+            "versions": {str(k): str(v) for k, v in self.versions.items()},
+            "recorded_at": self.recorded_at,
+        }
+
+
+def _ranked_dict(r: Any) -> dict[str, Any]:
+    """``{index, label, prob}`` from an engine ``Ranked`` or a dict; prob rounded to 6 decimals."""
+    get = r.get if isinstance(r, Mapping) else (lambda k: getattr(r, k))
+    return {"index": int(get("index")), "label": str(get("label")), "prob": round(float(get("prob")), 6)}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: a changed image makes its baseline stale."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def current_versions() -> dict[str, str]:
+    """torch / torchvision / model-audit versions, without importing torch (metadata, or the loaded module)."""
+    from audit import __version__
+
+    out: dict[str, str] = {}
+    for name in ("torch", "torchvision"):
+        module = sys.modules.get(name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if version is None:
+            try:
+                version = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                version = "not installed"
+        out[name] = str(version)
+    out["model_audit"] = __version__
+    return out
+
+
+# -------------------------------------------------------------------------------------------- store
+
+def safe_case_id(case_id: str) -> str:
+    """A file-name stem for a case id: ``[A-Za-z0-9._-]`` kept, anything else replaced by ``_``.
+
+    When anything was replaced (or the id is empty, starts with a dot, or is too long), ``-`` and the
+    first 10 hex digits of the real id's sha1 are appended, so distinct ids never share a file. Plain
+    ids stay readable as they are (``circle-01`` -> ``circle-01``).
+    """
+    text = str(case_id)
+    clean = _SAFE.sub("_", text)
+    changed = clean != text or not clean or clean.startswith(".") or len(clean) > _MAX_STEM
+    if not changed:
+        return clean
+    clean = clean.lstrip(".")[:_MAX_STEM]
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{clean}-{digest}" if clean else digest
+
+
+class BaselineStore:
+    """The baselines of one spec file: ``<spec folder>/baselines/<spec stem>/<safe id>.json|.npy``."""
+
+    def __init__(self, spec_path: str | Path):
+        self.spec_path = Path(spec_path)
+        self.folder = self.spec_path.parent / "baselines" / self.spec_path.stem
+
+    def paths(self, case_id: str) -> tuple[Path, Path]:
+        """(json, npy) of a case."""
+        stem = safe_case_id(case_id)
+        return self.folder / f"{stem}.json", self.folder / f"{stem}.npy"
+
+    def exists(self) -> bool:
+        """Whether any baseline was recorded for this spec."""
+        return self.folder.is_dir() and any(self.folder.glob("*.json"))
+
+    def load(self, case_id: str) -> Baseline | None:
+        """The recorded baseline, or None when none was recorded; an unusable file is an ``AuditError``."""
+        json_path, npy_path = self.paths(case_id)
+        if not json_path.is_file():
+            return None
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _unusable(json_path, _reason(exc)) from None
+        try:
+            baseline = _from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _unusable(json_path, f"missing or malformed field ({_reason(exc)})") from None
+        if baseline.case_id != str(case_id):
+            raise _unusable(json_path, f"it holds case {baseline.case_id!r}, not {str(case_id)!r}")
+        if not npy_path.is_file():
+            raise _unusable(npy_path, "file not found (the heatmap of " + json_path.name + ")")
+        try:
+            heat = np.load(npy_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _unusable(npy_path, _reason(exc)) from None
+        if heat.ndim != 2 or heat.dtype != np.float16 or not np.all(np.isfinite(heat)):
+            raise _unusable(npy_path, f"expected a finite 2-D float16 heatmap, found {heat.dtype} {heat.shape}")
+        return replace(baseline, heatmap=heat)
+
+    def save(self, baseline: Baseline) -> list[Path]:
+        """Write the case's ``.npy`` then its JSON (the commit point), each atomically; returns both paths."""
+        json_path, npy_path = self.paths(baseline.case_id)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        heat = np.ascontiguousarray(np.asarray(baseline.heatmap, dtype=np.float16))
+        _atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False))
+        text = json.dumps(baseline.to_json(npy_path.name), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        _atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")))
+        return [json_path, npy_path]
+
+
+def _from_json(data: Any) -> Baseline:
+    if not isinstance(data, dict):
+        raise ValueError(f"top level is {type(data).__name__}, not an object")
+    missing = [k for k in _JSON_FIELDS if k not in data]
+    if missing:
+        raise KeyError(", ".join(missing))
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"schema_version {data['schema_version']!r}, this model-audit reads {SCHEMA_VERSION}")
+    top_k = [_ranked_dict(r) for r in data["top_k"]]
+    if not top_k:
+        raise ValueError("top_k is empty")
+    return Baseline(case_id=str(data["case_id"]), top_k=top_k, target=int(data["target"]),
+                    heatmap=np.zeros((0, 0), np.float16), image_sha256=str(data["image_sha256"]),
+                    model_fingerprint=str(data["model_fingerprint"]), preprocess=str(data["preprocess"]),
+                    cam_layer=str(data["cam_layer"]), versions={str(k): str(v) for k, v in dict(data["versions"]).items()},
+                    recorded_at=str(data["recorded_at"]))
+
+
+def _unusable(path: Path, reason: str) -> AuditError:
+    return AuditError(f"baseline {path} cannot be used: {reason}; delete it and {UPDATE_HINT}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def _as_map(a: Any) -> np.ndarray:
+    arr = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"expected a non-empty 2-D map, got shape {arr.shape}")
+    return arr
+
+
+def _aligned(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps as float64, ``b`` resized (bilinear) onto ``a``'s shape when they differ."""
+    a, b = _as_map(a), _as_map(b)
+    if a.shape != b.shape:
+        b = cv2.resize(b.astype(np.float32), (a.shape[1], a.shape[0]),
+                       interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    return a, b
+
+
+def pearson(a: Any, b: Any) -> float:
+    """Pearson correlation of two heatmaps (``b`` resized onto ``a``); never NaN.
+
+    A constant map has no correlation: two constant maps give 1.0 when equal, else 0.0; one constant
+    map against a varying one gives 0.0.
+    """
+    a, b = _aligned(a, b)
+    da, db = a - a.mean(), b - b.mean()
+    na, nb = math.sqrt(float((da * da).sum())), math.sqrt(float((db * db).sum()))
+    scale = max(1.0, float(np.abs(a).max()), float(np.abs(b).max()))
+    flat_a, flat_b = na <= 1e-12 * scale, nb <= 1e-12 * scale
+    if flat_a or flat_b:
+        return 1.0 if flat_a and flat_b and np.allclose(a, b, rtol=0, atol=1e-6 * scale) else 0.0
+    r = float((da * db).sum()) / (na * nb)
+    return float(min(1.0, max(-1.0, r)))
+
+
+def _hot(m: np.ndarray, fraction: float) -> np.ndarray:
+    peak = float(m.max())
+    if not peak > 0:
+        return np.zeros(m.shape, dtype=bool)
+    return m >= fraction * peak
+
+
+def hot_iou(a: Any, b: Any, fraction: float = HOT_FRACTION) -> float:
+    """IoU of {a >= fraction*max a} and {b >= fraction*max b} (``b`` resized onto ``a``).
+
+    A map with no positive pixel has no hot area; both empty -> 1.0 (nothing moved), one empty -> 0.0.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    a, b = _aligned(a, b)
+    ha, hb = _hot(a, fraction), _hot(b, fraction)
+    union = int(np.logical_or(ha, hb).sum())
+    if union == 0:
+        return 1.0
+    return int(np.logical_and(ha, hb).sum()) / union
+
+
+def topk_overlap(then_indices: Iterable[int], now_indices: Iterable[int]) -> float:
+    """Share of the baseline's top-k classes still in today's top-k (1.0 for an empty baseline)."""
+    then = list(dict.fromkeys(int(i) for i in then_indices))
+    now = {int(i) for i in now_indices}
+    if not then:
+        return 1.0
+    return sum(1 for i in then if i in now) / len(then)
+
+
+def prob_drift(then_top_k: Sequence[Any], now_probs: Mapping[int, float]) -> float:
+    """Largest |p_then - p_now| over the baseline's top-k classes; a class absent from ``now_probs``
+    counts as p_now = 0 (pass today's full softmax to avoid that bound)."""
+    drift = 0.0
+    for r in then_top_k:
+        entry = _ranked_dict(r)
+        drift = max(drift, abs(entry["prob"] - float(now_probs.get(entry["index"], 0.0))))
+    return float(drift)
+
+
+def _now_probs(now: Baseline) -> dict[int, float]:
+    probs = {int(r["index"]): float(r["prob"]) for r in now.top_k}
+    if now.probs is not None:
+        full = np.asarray(now.probs, dtype=np.float64).ravel()
+        probs.update({i: float(full[i]) for i in range(len(full))})
+    return probs
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+def _get(tolerance: Any, name: str) -> Any:
+    if tolerance is None:
+        from audit.spec import BaselineTolerance
+        tolerance = BaselineTolerance()
+    return getattr(tolerance, name)
+
+
+def _who(b: Baseline, index: int) -> str:
+    label = b.label_of(index)
+    return f"{label!r} (#{index})" if label is not None else f"#{index}"
+
+
+def model_changes(then: Baseline, now: Baseline) -> list[str]:
+    """What changed about the model since the recording ("fingerprint 1234abcd → 9876fedc", "torch a → b")."""
+    changes = []
+    if then.model_fingerprint != now.model_fingerprint:
+        changes.append(f"fingerprint {then.model_fingerprint[:8]} → {now.model_fingerprint[:8]}")
+    for key in sorted(set(then.versions) | set(now.versions)):
+        a, b = then.versions.get(key, "?"), now.versions.get(key, "?")
+        if a != b:
+            changes.append(f"{key} {a} → {b}")
+    return changes
+
+
+def _setup_changes(then: Baseline, now: Baseline) -> list[str]:
+    changes = []
+    if then.preprocess != now.preprocess:
+        changes.append(f"preprocess {then.preprocess} → {now.preprocess}")
+    if then.cam_layer != now.cam_layer:
+        changes.append(f"cam_layer {then.cam_layer} → {now.cam_layer}")
+    return changes
+
+
+def compare(then: Baseline, now: Baseline, tolerance: Any = None) -> CheckResult:
+    """Today's observation against the recording, as a ``CheckResult("baseline")``.
+
+    ``tolerance``: any object with ``top1_must_match``, ``min_topk_overlap``, ``max_prob_drift``,
+    ``min_heatmap_correlation``, ``min_hot_iou`` (``audit.spec.BaselineTolerance``); None: its defaults.
+    A changed image fails (stale baseline), whatever the numbers say. A changed model or library is not
+    a failure by itself: it is what an upgrade looks like, and the message says so.
+    """
+    __tracebackhide__ = True
+    d = deltas(then, now)
+    t1_then, t1_now = int(then.top_k[0]["index"]), int(now.top_k[0]["index"])
+    must_match = bool(_get(tolerance, "top1_must_match"))
+    min_overlap = float(_get(tolerance, "min_topk_overlap"))
+    max_drift = float(_get(tolerance, "max_prob_drift"))
+    min_corr = float(_get(tolerance, "min_heatmap_correlation"))
+    min_iou = float(_get(tolerance, "min_hot_iou"))
+    now_probs = _now_probs(now)
+    k = len(then.top_k)
+    gone = [int(r["index"]) for r in then.top_k if int(r["index"]) not in {int(x["index"]) for x in now.top_k[:k]}]
+    drift_row = max(then.top_k, key=lambda r: abs(float(r["prob"]) - now_probs.get(int(r["index"]), 0.0)))
+    di = int(drift_row["index"])
+    p_now = now_probs.get(di)
+    rows = [
+        (Metric("top1", t1_now, t1_then, "==", t1_now == t1_then or not must_match),
+         f"then {_who(then, t1_then)} p={then.top_k[0]['prob']:.3f}, now {_who(now, t1_now)} "
+         f"p={now.top_k[0]['prob']:.3f}" + ("" if must_match else " (top1_must_match: false)")),
+        (Metric("topk_overlap", d["topk_overlap"], min_overlap, ">=", d["topk_overlap"] >= min_overlap),
+         f"{k - len(gone)} of the baseline's {k} top classes still in today's top-{k}"
+         + (f"; gone: {', '.join(_who(then, i) for i in gone)}" if gone else "")),
+        (Metric("prob_drift", d["prob_drift"], max_drift, "<=", d["prob_drift"] <= max_drift),
+         f"largest change p({_who(then, di)}) {float(drift_row['prob']):.3f} → "
+         + (f"{p_now:.3f}" if p_now is not None else "not in today's top-k (counted as 0)")),
+        (Metric("heatmap_correlation", d["heatmap_correlation"], min_corr, ">=", d["heatmap_correlation"] >= min_corr),
+         _heat_why(then, now)),
+        (Metric("hot_iou", d["hot_iou"], min_iou, ">=", d["hot_iou"] >= min_iou),
+         f"overlap of the areas >= {HOT_FRACTION:g} of each map's maximum"),
+    ]
+    metrics = tuple(m for m, _ in rows)
+    notes = []
+    changes = model_changes(then, now)
+    if changes:
+        notes.append("model changed since the baseline: " + "; ".join(changes))
+    setup = _setup_changes(then, now)
+    if setup:
+        notes.append("setup changed since the baseline: " + "; ".join(setup))
+    recorded = f"recorded {then.recorded_at}"
+    if then.image_sha256 != now.image_sha256:
+        lines = [f"baseline: image changed since the baseline was recorded (sha256 {then.image_sha256[:8]}… → "
+                 f"{now.image_sha256[:8]}…): {UPDATE_HINT}", *notes, f"comparison with the stale baseline ({recorded}):"]
+        lines += [f"  {m}: {why}" for m, why in rows]
+        return CheckResult("baseline", False, "\n".join(lines), metrics)
+    failed = [m for m in metrics if not m.passed]
+    if not failed:
+        head = (f"baseline: matches ({recorded}): top1 {_who(now, t1_now)} {then.top_k[0]['prob']:.3f} → "
+                f"{now.top_k[0]['prob']:.3f}, " + ", ".join(str(m) for m in metrics[1:]))
+        return CheckResult("baseline", True, "\n".join([head, *notes]), metrics)
+    lines = [f"baseline: {len(failed)} of {len(rows)} comparisons failed ({recorded}; "
+             f"if the change is intended, {UPDATE_HINT})", *notes]
+    lines += [f"  {m}: {why}" for m, why in rows]
+    return CheckResult("baseline", False, "\n".join(lines), metrics)
+
+
+def _heat_why(then: Baseline, now: Baseline) -> str:
+    what = f"Pearson correlation of the low-res heatmaps of {_who(then, then.target)}"
+    if then.target != now.target:
+        what = (f"Pearson correlation of the low-res heatmaps of {_who(then, then.target)} (then) and "
+                f"{_who(now, now.target)} (now)")
+    if tuple(then.heatmap.shape) != tuple(now.heatmap.shape):
+        what += f"; today's {now.heatmap.shape[1]}x{now.heatmap.shape[0]} map resized onto the baseline's " \
+                f"{then.heatmap.shape[1]}x{then.heatmap.shape[0]}"
+    return what
+
+
+def deltas(then: Baseline, now: Baseline) -> dict[str, Any]:
+    """The numbers the report's "compared with the baseline" table shows for a case (JSON-ready)."""
+    t_then, t_now = then.top_k[0], now.top_k[0]
+    return {
+        "heatmap_correlation": pearson(then.heatmap, now.heatmap),
+        "hot_iou": float(hot_iou(then.heatmap, now.heatmap)),
+        "top1_then": f"{t_then['label']} (#{t_then['index']}) {float(t_then['prob']):.3f}",
+        "top1_now": f"{t_now['label']} (#{t_now['index']}) {float(t_now['prob']):.3f}",
+        "prob_drift": prob_drift(then.top_k, _now_probs(now)),
+        "topk_overlap": topk_overlap([r["index"] for r in then.top_k],
+                                     [r["index"] for r in now.top_k[:len(then.top_k)]]),
+        "image_changed": then.image_sha256 != now.image_sha256,
+        "recorded_with": {**then.versions, "fingerprint": then.model_fingerprint[:12],
+                          "recorded_at": then.recorded_at},
+    }

@@ -1,0 +1,853 @@
+"""The ``model-audit`` command: explain images, snapshot a starter spec, install weights, run specs,
+compare two models on the same specs.
+
+Why a command next to the pytest plugin: the classic notebook workflow (one image in, top-5 table,
+heatmap, overlay and feature grids out) is how people look at a model before they write a spec, and a
+spec is easier to write from a snapshot of what the model does today. ``compare`` answers "what changes
+if we swap this model for that one?" case by case, most divergent first.
+
+Errors: bad arguments are argparse's (usage line + message, exit 2); a user mistake (``AuditError``:
+unknown model, missing image, unknown layer, unavailable weights) is one line
+``model-audit: error: <message>`` on stderr with exit 2 and no traceback. Anything else is our bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
+
+PROG = "model-audit"
+NONE_WEIGHTS = ("none", "null", "random")
+DEFAULT_SEED = 0
+COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma")
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _say(*parts: Any, err: bool = False) -> None:
+    print(*parts, file=sys.stderr if err else sys.stdout)
+
+
+def _progress(items: Iterable[Any], total: int, desc: str, quiet: bool) -> Iterable[Any]:
+    """A tqdm bar on stderr for multi-item runs, only on a terminal and without --quiet."""
+    if quiet or total <= 1 or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
+
+
+def _weights_arg(value: str | None, checkpoint: Any) -> str | None:
+    """``--weights``: DEFAULT unless a checkpoint is given; none/null/random mean random init."""
+    if value is None:
+        return None if checkpoint else "DEFAULT"
+    return None if value.strip().lower() in NONE_WEIGHTS else value
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model as the command line names it; ``text`` is how the user wrote it."""
+
+    arch: str
+    weights: str | None
+    checkpoint: str | None = None
+    labels: str | None = None
+    seed: int | None = None
+    text: str = ""
+
+    def load(self, device: str):
+        import audit
+        seed = self.seed if self.weights is None and self.checkpoint is None else None
+        if self.weights is None and self.checkpoint is None and seed is None:
+            seed = DEFAULT_SEED
+        from audit.errors import WeightsUnavailable
+        try:
+            return audit.load_model(self.arch, weights=self.weights, checkpoint=self.checkpoint,
+                                    labels=self.labels, device=device, seed=seed)
+        except WeightsUnavailable as exc:
+            if self.checkpoint is None and self.weights is not None and "zoo" not in str(exc):
+                raise WeightsUnavailable(f"{exc}; to install a file downloaded elsewhere: {PROG} weights "
+                                         f"{self.arch} --weights {self.weights} --from FILE") from None
+            raise
+
+
+def _model_from_args(args: argparse.Namespace) -> ModelChoice:
+    weights = _weights_arg(args.weights, args.checkpoint)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise ModelError(f"checkpoint {args.checkpoint}: file not found")
+    if args.labels and not Path(args.labels).is_file():
+        raise ModelError(f"labels file {args.labels}: file not found")
+    return ModelChoice(args.model, weights, args.checkpoint, args.labels, args.seed, args.model)
+
+
+def parse_model(text: str, labels: str | None = None) -> ModelChoice:
+    """``ARCH`` / ``ARCH:WEIGHTS`` (``none`` = random init, seed 0) / ``ARCH@CHECKPOINT_PATH``."""
+    text = text.strip()
+    if "@" in text:
+        arch, _, path = text.partition("@")
+        if not arch or not path:
+            raise AuditError(f"model {text!r}: write ARCH@CHECKPOINT_PATH, e.g. vgg16@runs/best.pt")
+        if not Path(path).is_file():
+            raise ModelError(f"model {text!r}: checkpoint {path}: file not found")
+        return ModelChoice(arch, None, path, labels, None, text)
+    arch, sep, weights = text.partition(":")
+    if not arch or (sep and not weights):
+        raise AuditError(f"model {text!r}: write ARCH, ARCH:WEIGHTS or ARCH@CHECKPOINT_PATH, e.g. vgg16:IMAGENET1K_V1")
+    return ModelChoice(arch, _weights_arg(weights or None, None), None, labels, None, text)
+
+
+def _check_images(paths: Sequence[str]) -> list[Path]:
+    """Fail on a missing image before a model is loaded (seconds for VGG16)."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise ImageError(path, "file not found")
+        if path.is_dir():
+            raise ImageError(path, "is a directory, not an image file")
+        out.append(path)
+    return out
+
+
+def _explain(engine, images: Sequence[Any], quiet: bool, batch_size: int, **kwargs: Any) -> list:
+    """The engine's batched explain, one call per batch so the progress bar can move."""
+    batch_size = max(1, batch_size)
+    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    results: list = []
+    for chunk in _progress(chunks, len(chunks), "explain", quiet):
+        results.extend(engine.explain(list(chunk), batch_size=batch_size, **kwargs))
+    return results
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _save_png(picture: Any, path: Path) -> None:
+    import io
+
+    from PIL import Image
+    if not isinstance(picture, Image.Image):
+        picture = Image.fromarray(picture)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    _atomic_bytes(path, buffer.getvalue())
+
+
+def _grid_channels(channels: int) -> int:
+    """The classic notebook's feature grids: a 64-channel layer in full, otherwise the first 72 maps."""
+    return channels if channels == 64 else min(channels, 72)
+
+
+# ----------------------------------------------------------------------------------------- explain
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from audit import report
+    from audit.images import load_image
+
+    paths = _check_images(args.images)
+    choice = _model_from_args(args)
+    engine = choice.load(args.device)
+    cam_layer = args.cam_layer or None
+    if cam_layer:
+        engine.resolve_layer(cam_layer)
+    for layer in args.layers:
+        engine.resolve_layer(layer)
+    explanations = _explain(engine, [str(p) for p in paths], args.quiet, args.batch_size, top_k=args.top_k,
+                            cam_layer=cam_layer, feature_layers=list(args.layers), preprocess=args.preprocess)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path, stem, e in zip(paths, _unique_stems(paths), explanations):
+        files: dict[str, Any] = {}
+        if out_dir is not None:
+            image = load_image(path)
+            files["heatmap"] = str(out_dir / f"{stem}-heatmap.png")
+            _save_png(report.colorize(e.cam, args.colormap), Path(files["heatmap"]))
+            files["overlay"] = str(out_dir / f"{stem}-overlay.png")
+            _save_png(report.overlay(image, e.cam, args.colormap), Path(files["overlay"]))
+            grids = {}
+            for layer in args.layers:
+                maps = e.features[layer]
+                grid_path = out_dir / f"{stem}-{re.sub(r'[^A-Za-z0-9._-]+', '_', layer)}.png"
+                _save_png(report.feature_grid(maps, _grid_channels(maps.shape[0])), grid_path)
+                grids[layer] = str(grid_path)
+            files["features"] = grids
+        records.append({"image": str(path), "top_k": [{"index": r.index, "label": r.label, "prob": r.prob}
+                                                        for r in e.top_k],
+                        "cam_layer": e.cam_layer, "files": files})
+    if args.json:
+        _say(json.dumps(records, indent=2, ensure_ascii=False))
+        return 0
+    _say(f"model: {engine.loaded.source}; cam layer {explanations[0].cam_layer if explanations else '-'}")
+    for rec in records:
+        _say()
+        _say(rec["image"])
+        width = max([5, *(len(r["label"]) for r in rec["top_k"])])
+        _say(f"  {'index':>5}  {'label':<{width}}  probability")
+        for r in rec["top_k"]:
+            _say(f"  {r['index']:>5}  {r['label']:<{width}}  {r['prob']:.4f}")
+        for kind, value in rec["files"].items():
+            for layer, f in (value.items() if isinstance(value, dict) else [(None, value)]):
+                _say(f"  wrote {f}" + (f"  ({kind} of {layer})" if layer else f"  ({kind})"))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- snapshot
+
+def _floor2(value: float) -> float:
+    """Round down to 2 decimals (a floor must never be above what was measured), never below 0."""
+    return max(0.0, math.floor(round(value * 100, 6)) / 100)
+
+
+def _label_value(engine, index: int, label: str) -> str | int:
+    """The label name when it resolves back to this index, else the index (ImageNet has two 'crane')."""
+    try:
+        if engine.resolve_class(label) == index:
+            return label
+    except AuditError:
+        pass
+    return int(index)
+
+
+def _case_id(stem: str, used: set[str]) -> str:
+    base = "-".join(stem.replace("::", "-").replace("/", "-").split()) or "image"
+    base = base[:190]
+    cid, n = base, 1
+    while cid in used:
+        n += 1
+        cid = f"{base}-{n}"
+    used.add(cid)
+    return cid
+
+
+def _path_for_spec(path: Path, relative_to: str | None) -> str:
+    if relative_to is None:
+        return path.as_posix()
+    return Path(os.path.relpath(path.resolve(), Path(relative_to).resolve())).as_posix()
+
+
+def _spec_dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Block mappings, and lists of plain values on one line ([x0, y0, x1, y1]); a subclass, so
+        PyYAML's own dumpers are untouched."""
+
+    def represent_list(dumper: yaml.SafeDumper, data: list) -> Any:
+        flat = all(isinstance(v, (str, int, float, bool)) or v is None for v in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+    Dumper.add_representer(list, represent_list)
+    return Dumper
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    import numpy as np
+    import yaml
+
+    from audit import checks, regions
+
+    paths = _check_images(args.images)
+    choice = _model_from_args(args)
+    engine = choice.load(args.device)
+    if args.cam_layer:
+        engine.resolve_layer(args.cam_layer)
+    explanations = _explain(engine, [str(p) for p in paths], args.quiet, args.batch_size, top_k=max(5, args.top_k),
+                            cam_layer=args.cam_layer, preprocess=args.preprocess)
+    model: dict[str, Any] = {"arch": choice.arch}
+    if choice.checkpoint:
+        model["checkpoint"] = _path_for_spec(Path(choice.checkpoint), args.relative_to)
+    else:
+        model["weights"] = choice.weights
+        if choice.weights is None:
+            model["seed"] = args.seed if args.seed is not None else DEFAULT_SEED
+    model["preprocess"] = args.preprocess
+    if args.cam_layer:
+        model["cam_layer"] = args.cam_layer
+    if choice.labels:
+        model["labels"] = _path_for_spec(Path(choice.labels), args.relative_to)
+    cases = []
+    used: set[str] = set()
+    for path, e in zip(paths, explanations):
+        top = e.top_k
+        case: dict[str, Any] = {"id": _case_id(path.stem, used), "image": _path_for_spec(path, args.relative_to)}
+        if args.top_k != 5:
+            case["top_k"] = args.top_k
+        expect: dict[str, Any] = {"top1": _label_value(engine, top[0].index, top[0].label),
+                                  "any_in_top_k": [_label_value(engine, r.index, r.label) for r in top[:3]]}
+        floor = _floor2(top[0].prob - args.min_prob_margin)
+        if floor > 0:
+            expect["min_prob"] = floor
+        case["expect"] = expect
+        heat = e.cams[top[0].index]
+        if heat.size and float(heat.max()) > 0:
+            ys, xs = np.nonzero(heat >= 0.5 * float(heat.max()))
+            box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+            mask = regions.region_mask({"box": box}, e.image_size, ".")
+            energy = checks.energy_inside(heat, mask)
+            case["focus"] = {"region": {"box": box}, "min_energy": _floor2(energy - args.energy_margin)}
+        cases.append(case)
+    where = (f"relative to {args.relative_to}" if args.relative_to
+             else "as given: save this spec in the current directory")
+    header = (f"# generated by model-audit snapshot on {_dt.date.today().isoformat()}: review before committing\n"
+              f"# model: {engine.loaded.source}\n"
+              f"# expectations are what the model does today, loosened by --min-prob-margin {args.min_prob_margin:g}\n"
+              f"# and --energy-margin {args.energy_margin:g}; image paths are {where}.\n")
+    body = yaml.dump({"model": model, "cases": cases}, Dumper=_spec_dumper(), sort_keys=False, allow_unicode=True,
+                     width=100)
+    sys.stdout.write(header + body)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+def _hub_dir() -> Path:
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _weights_member(name: str, weights: str):
+    import torchvision
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelError(f"{name} has no pretrained weights in torchvision") from None
+    members = list(enum.__members__)
+    key = weights.strip().rsplit(".", 1)[-1].upper()
+    if key not in enum.__members__:
+        raise UnknownNameError("weights", weights, closest(weights, members, 3),
+                               hint=f"{name} has weights {', '.join(members)}")
+    return enum[key]
+
+
+def expected_prefix(file_name: str) -> str | None:
+    """The sha256 prefix torchvision puts in its file names (``vgg16-397923af.pth`` -> ``397923af``)."""
+    stem = Path(file_name).name.split(".", 1)[0]
+    if "-" not in stem:
+        return None
+    prefix = stem.rsplit("-", 1)[1].lower()
+    return prefix if len(prefix) >= 6 and all(c in "0123456789abcdef" for c in prefix) else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    import torchvision
+
+    try:
+        from audit.zoo import ZOO as zoo
+    except ModuleNotFoundError:
+        zoo = {}
+    if args.name in zoo:
+        path = Path(zoo[args.name].weights_path)
+        state = "present" if path.is_file() else "MISSING (reinstall model-audit or run python -m audit.zoo.train)"
+        _say(f"{args.name} is a zoo model: its weights ship in the package: {path} ({state})")
+        if args.source:
+            raise AuditError(f"{args.name} is a zoo model; its weights ship with model-audit and cannot be replaced "
+                             "with --from (use checkpoint: <path> in the spec for other weights)")
+        return 0 if path.is_file() else 1
+    names = torchvision.models.list_models(module=torchvision.models)
+    if args.name not in names:
+        raise UnknownNameError("model", args.name, closest(args.name, [*names, *zoo], 3))
+    member = _weights_member(args.name, args.weights)
+    from urllib.parse import urlparse
+    file_name = os.path.basename(urlparse(member.url).path)
+    target = _hub_dir() / file_name
+    prefix = expected_prefix(file_name)
+    title = f"{args.name} {member.name}" + ("" if args.weights.upper() == member.name else f" ({args.weights})")
+    if args.source is None:
+        _say(f"weights {title}")
+        _say(f"  expected at   {target}")
+        _say(f"  present       {'yes' if target.is_file() else 'no'}")
+        _say(f"  sha256 prefix {prefix or 'unknown (no hash in the file name)'}")
+        _say(f"  download from {member.url}")
+        if not target.is_file():
+            _say(f"  to install a downloaded copy: {PROG} weights {args.name} --weights {member.name} --from FILE")
+        return 0 if target.is_file() else 1
+    return _install(Path(args.source), target, prefix, title, args)
+
+
+def _install(source: Path, target: Path, prefix: str | None, title: str, args: argparse.Namespace) -> int:
+    import torch
+    import torchvision
+
+    if not source.is_file():
+        raise AuditError(f"--from {source}: file not found")
+    digest = _sha256(source)
+    if not args.no_check:
+        if prefix is None:
+            raise AuditError(f"cannot check {source}: the weights file name {target.name} carries no sha256 prefix; "
+                             "pass --no-check to install it anyway")
+        if not digest.startswith(prefix):
+            raise AuditError(f"{source} has sha256 {digest[:12]}…, but {title} expects {prefix}… (the hash in "
+                             f"{target.name}): this is not that file; pass --no-check to install it anyway")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a safe state_dict"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AuditError(f"{source} does not load as a safe state_dict (torch.load weights_only=True): {first}") \
+            from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AuditError(f"{source} holds no state_dict of tensors (found {type(state).__name__})")
+    module = torchvision.models.get_model(args.name, weights=None,
+                                          **({"aux_logits": True, "init_weights": False}
+                                             if args.name in ("googlenet", "inception_v3") else {}))
+    own = module.state_dict()
+    problems = []
+    for what, keys in (("missing", [k for k in own if k not in state]),
+                       ("unexpected", [k for k in state if k not in own]),
+                       ("shape mismatches:", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                                              if k in state and state[k].shape != own[k].shape])):
+        if keys:
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {what} {'keys ' if what != 'shape mismatches:' else ''}({shown})")
+    if problems:
+        raise AuditError(f"{source} does not fit {args.name}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    replaced = target.is_file()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    check = "hash not checked (--no-check)" if args.no_check else f"sha256 {digest[:12]}… matches"
+    _say(f"{'replaced' if replaced else 'installed'} {target}: {check}, {len(state)} tensors fit {args.name}")
+    _say(f"weights {title} now load offline")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- run
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import pytest
+
+    rest = list(args.pytest_args)
+    has_report = any(a == "--audit-report" or a.startswith("--audit-report=") for a in rest)
+    extra = [] if has_report or args.no_report else ["--audit-report", args.report]
+    return int(pytest.main([*args.specs, *extra, *rest]))
+
+
+# ----------------------------------------------------------------------------------------- compare
+
+def _spec_files(items: Sequence[str]) -> list[Path]:
+    from audit.spec import is_spec_file
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.y*ml") if is_spec_file(p) and "baselines" not in p.parts)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise AuditError(f"spec {item}: file not found")
+    if not files:
+        raise AuditError(f"no spec files (*.yaml with a top-level cases: key) in {', '.join(items)}")
+    return files
+
+
+@dataclass
+class _Item:
+    spec_path: Path
+    case: Any
+    preprocess: str
+
+
+def _collect_cases(files: Sequence[Path]) -> tuple[list[_Item], list[str]]:
+    from audit.spec import load_spec
+    items, skipped = [], []
+    for f in files:
+        spec = load_spec(f)
+        for case in spec.cases:
+            if case.error is not None:
+                skipped.append(f"{f}: case {case.id}: {case.error}")
+            else:
+                items.append(_Item(Path(f), case, spec.model.preprocess))
+    return items, skipped
+
+
+def _top(r: Any) -> dict[str, Any]:
+    return {"index": int(r.index), "label": str(r.label), "prob": float(r.prob)}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from audit import baselines, checks, regions
+
+    files = _spec_files(args.specs)
+    items, skipped = _collect_cases(files)
+    for line in skipped:
+        _say(f"{PROG}: skipped {line.splitlines()[0]}", err=True)
+    if not items:
+        raise AuditError("no usable case in " + ", ".join(map(str, files)))
+    _check_images([str(i.case.image) for i in items])
+    choices = {"A": parse_model(args.a, args.a_labels), "B": parse_model(args.b, args.b_labels)}
+    engines = {k: c.load(args.device) for k, c in choices.items()}
+    cam_layers = {"A": args.a_cam_layer, "B": args.b_cam_layer}
+    for k, layer in cam_layers.items():
+        if layer:
+            engines[k].resolve_layer(layer)
+    explained: dict[str, list] = {"A": [None] * len(items), "B": [None] * len(items)}
+    for preprocess in dict.fromkeys(i.preprocess for i in items):
+        idx = [n for n, i in enumerate(items) if i.preprocess == preprocess]
+        for k, engine in engines.items():
+            found = _explain(engine, [str(items[n].case.image) for n in idx], args.quiet, args.batch_size, top_k=5,
+                             cam_layer=cam_layers[k], preprocess=preprocess)
+            for n, e in zip(idx, found):
+                explained[k][n] = e
+    rows = []
+    for n, item in enumerate(items):
+        ea, eb = explained["A"][n], explained["B"][n]
+        ta, tb = ea.top_k[0], eb.top_k[0]
+        prob_b = float(eb.probs[ta.index]) if eb.probs is not None and ta.index < len(eb.probs) else None
+        energy_a = energy_b = None
+        region_desc, region_error = None, None
+        focus = item.case.focus
+        if focus is not None and focus.region:
+            region_desc = regions.describe(list(focus.region))
+            try:
+                mask = regions.region_mask(list(focus.region), ea.image_size, item.spec_path.parent)
+                energy_a = checks.energy_inside(ea.cams[ta.index], mask)
+                energy_b = checks.energy_inside(eb.cams[tb.index], mask)
+            except AuditError as exc:
+                region_error = str(exc)
+        rows.append({"spec": str(item.spec_path), "case_id": str(item.case.id), "image": str(item.case.image),
+                     "top1_a": _top(ta), "top1_b": _top(tb), "flip": ta.index != tb.index,
+                     "prob_of_a_top1_under_b": prob_b,
+                     "heatmap_correlation": baselines.pearson(ea.cams_lowres[ta.index], eb.cams_lowres[tb.index]),
+                     "region": region_desc, "region_error": region_error, "energy_a": energy_a, "energy_b": energy_b,
+                     "_ea": ea, "_eb": eb})
+    rows.sort(key=lambda r: (not r["flip"], r["heatmap_correlation"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    _print_compare(rows, choices, engines)
+    out = _write_compare(Path(args.out), rows, choices, engines, args)
+    _say(f"\nreport: {out / 'index.html'}")
+    return 0
+
+
+def _print_compare(rows: list[dict], choices: dict, engines: dict) -> None:
+    _say(f"A: {choices['A'].text} ({engines['A'].loaded.source})")
+    _say(f"B: {choices['B'].text} ({engines['B'].loaded.source})")
+    flips = sum(r["flip"] for r in rows)
+    _say(f"{len(rows)} cases, {flips} top-1 flips; most divergent first")
+    def name(t: dict) -> str:
+        return f"{t['label']} {t['prob']:.3f}"
+    wid = max([4, *(len(r["case_id"]) for r in rows)])
+    wa = max([8, *(len(name(r["top1_a"])) for r in rows)])
+    wb = max([8, *(len(name(r["top1_b"])) for r in rows)])
+    _say(f"{'rank':>4}  {'case':<{wid}}  {'top1 A':<{wa}}  {'top1 B':<{wb}}  flip  correlation  energy A  energy B")
+    for r in rows:
+        ea = "-" if r["energy_a"] is None else f"{r['energy_a']:.2f}"
+        eb = "-" if r["energy_b"] is None else f"{r['energy_b']:.2f}"
+        _say(f"{r['rank']:>4}  {r['case_id']:<{wid}}  {name(r['top1_a']):<{wa}}  {name(r['top1_b']):<{wb}}  "
+             f"{'FLIP' if r['flip'] else 'no':<4}  {r['heatmap_correlation']:>11.3f}  {ea:>8}  {eb:>8}")
+
+
+def _display(image):
+    from PIL import Image
+    long_side = max(image.size)
+    if long_side < 256:
+        f = math.ceil(256 / long_side)
+        return image.resize((image.width * f, image.height * f), Image.Resampling.NEAREST)
+    if long_side > 768:
+        f = 768 / long_side
+        return image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))),
+                            Image.Resampling.LANCZOS)
+    return image
+
+
+def _write_compare(out_dir: Path, rows: list[dict], choices: dict, engines: dict, args: argparse.Namespace) -> Path:
+    import io
+
+    import jinja2
+
+    from audit import report
+    from audit.images import load_image
+
+    report.check_writable(out_dir)
+    run_id, asset_dir = report.new_run_dir(out_dir)
+    for row in _progress(rows, len(rows), "pictures", args.quiet):
+        image = _display(load_image(row["image"]))
+        stem = report.safe_stem(f"{row['spec']}::{row['case_id']}")
+        assets = {}
+        for key, picture in (("image", image), ("overlay_a", report.overlay(image, row["_ea"].cam, args.colormap)),
+                             ("overlay_b", report.overlay(image, row["_eb"].cam, args.colormap))):
+            buffer = io.BytesIO()
+            picture.convert("RGB").save(buffer, "JPEG", quality=85)
+            name = f"{stem}-{key}.jpg"
+            _atomic_bytes(asset_dir / name, buffer.getvalue())
+            assets[key] = f"assets/{run_id}/{name}"
+        row["assets"] = assets
+        row["size"] = list(image.size)
+    models = {k: {"given": c.text, "source": engines[k].loaded.source,
+                  "fingerprint": engines[k].loaded.fingerprint} for k, c in choices.items()}
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    payload = {"schema_version": 1, "run_id": run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+               "a": models["A"], "b": models["B"], "cases": public}
+    env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "xml"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda v, d=3: "—" if v is None else f"{float(v):.{d}f}"
+    html = env.get_template("compare.html").render(a=models["A"], b=models["B"], cases=public,
+                                                   flips=sum(r["flip"] for r in public), created=payload["created"],
+                                                   run_id=run_id)
+    _atomic_bytes(out_dir / "compare.json", (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+    _atomic_bytes(out_dir / "index.html", html.encode("utf-8"))
+    for child in (out_dir / "assets").iterdir():
+        if child.is_dir() and report.RUN_ID_PATTERN.match(child.name) and child.name != run_id:
+            shutil.rmtree(child, ignore_errors=True)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model, metavar="ARCH",
+                   help=f"torchvision model name or zoo model (shapes_vgg, shapes_vgg_shortcut); default {default_model}")
+    g.add_argument("--weights", default=None, metavar="NAME",
+                   help="weights enum name (DEFAULT, IMAGENET1K_V1) or 'none' for random init; default DEFAULT "
+                        "(none with --checkpoint)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="a state_dict or TorchScript file")
+    g.add_argument("--labels", default=None, metavar="FILE", help="category names (JSON or .txt) overriding the model's")
+    g.add_argument("--seed", type=int, default=None, help=f"seed of a random init (--weights none); default {DEFAULT_SEED}")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    g.add_argument("--preprocess", choices=("squash", "weights"), default="squash",
+                   help="squash: resize the whole image (default); weights: the weights' resize + centre crop")
+    g.add_argument("--cam-layer", default=None, metavar="NAME", help="layer Grad-CAM explains (default: engine's rule)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    f = float(value)
+    if not 0 <= f <= 1:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {value}")
+    return f
+
+
+EXPLAIN_EPILOG = """\
+examples:
+  model-audit explain cat.jpg                               # vgg16 DEFAULT weights (the classic notebook)
+  model-audit explain a.jpg b.jpg --model shapes_vgg --out out/ --layers features.3
+  model-audit explain hopper.jpg --model vgg16 --weights none --json
+
+With --out DIR, writes per image <stem>-heatmap.png, <stem>-overlay.png and one <stem>-<layer>.png
+feature grid per --layers layer (64 channels: all of them, otherwise the first 72).
+"""
+
+SNAPSHOT_EPILOG = """\
+example:
+  cd specs/mine && model-audit snapshot images/*.jpg --model vgg16 > cats.yaml
+  model-audit snapshot data/imgs/*.png --model shapes_vgg --relative-to specs/ > specs/shapes.yaml
+
+Writes a starter spec to stdout: per image the current top-1, any of the top-3, a probability floor
+(top-1 probability minus --min-prob-margin, rounded down) and a focus box around the heat >= 0.5 of
+its maximum with an energy floor (current energy minus --energy-margin). Image paths in a spec are
+relative to the spec file: save the spec in the current directory, or pass --relative-to DIR with the
+folder the spec will be saved in. Review the expectations before committing.
+"""
+
+WEIGHTS_EPILOG = """\
+examples:
+  model-audit weights vgg16                                   # where IMAGENET1K_V1 is expected, present?
+  model-audit weights vgg16 --from ~/Downloads/vgg16-397923af.pth
+  model-audit weights resnet50 --weights IMAGENET1K_V2 --from r50.pth --no-check
+
+Weights live in torch.hub.get_dir()/checkpoints (TORCH_HOME/hub/checkpoints). torchvision file names
+carry the first hex digits of the file's sha256 (vgg16-397923af.pth): --from checks that prefix, that
+the file loads with torch.load(weights_only=True) and fits the architecture, then copies it there.
+Exit codes: 0 present / installed, 1 not present, 2 refused.
+"""
+
+RUN_EPILOG = """\
+examples:
+  model-audit run specs/
+  model-audit run specs/ -- -k circle -x          # everything after -- goes to pytest
+  model-audit run specs/shapes --report out/ -- -n 2
+
+Same as: pytest SPECS --audit-report reports/ [PYTEST ARGS]; returns pytest's exit code.
+"""
+
+COMPARE_EPILOG = """\
+examples:
+  model-audit compare examples/shortcut --a shapes_vgg --b shapes_vgg_shortcut
+  model-audit compare specs/imagenet --a vgg16:IMAGENET1K_V1 --b resnet50:IMAGENET1K_V2 --out reports/cmp
+  model-audit compare specs/ --a vgg16:IMAGENET1K_V1 --b vgg16@runs/finetuned.pt
+
+A model is ARCH (default weights), ARCH:WEIGHTS (a weights name, or none for random init with seed 0)
+or ARCH@CHECKPOINT_PATH (a state_dict or TorchScript file). Both models run on every case of the specs
+(with each spec's preprocess); cases are ranked most divergent first: top-1 flips, then the lowest
+Pearson correlation of the two heatmaps. Writes <out>/index.html and <out>/compare.json.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from audit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Audit image classifiers: explain images, snapshot specs, install weights, run specs, "
+                    "compare models.",
+        epilog="examples:\n  model-audit explain cat.jpg --model vgg16\n  model-audit run specs/ -- -k circle\n\n"
+               f"'{PROG} COMMAND --help' shows each command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("explain", help="top-k, Grad-CAM heatmap, overlay and feature grids of images",
+                       description="Explain images: the top-k table, and with --out the heatmap, overlay and "
+                                   "feature-map grids.", epilog=EXPLAIN_EPILOG, formatter_class=_Formatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _model_options(p)
+    p.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
+                   help="layers to draw as feature-map grids (e.g. features.4 features.21)")
+    p.add_argument("--top-k", type=_positive, default=5, metavar="K", help="rows of the table (default 5)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write the pictures here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="heatmap colours (default jet)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("snapshot", help="write a starter spec from what a model does today",
+                       description="Write a starter spec (YAML, stdout) from the model's current predictions "
+                                   "and heatmaps.", epilog=SNAPSHOT_EPILOG, formatter_class=_Formatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _model_options(p)
+    p.add_argument("--top-k", type=_positive, default=5, metavar="K", help="top_k of the cases (default 5)")
+    p.add_argument("--min-prob-margin", type=_fraction, default=0.1, metavar="P",
+                   help="min_prob = top-1 probability minus this, rounded down (default 0.1)")
+    p.add_argument("--energy-margin", type=_fraction, default=0.1, metavar="E",
+                   help="min_energy = current energy in the box minus this, rounded down (default 0.1)")
+    p.add_argument("--relative-to", default=None, metavar="DIR",
+                   help="write image (and checkpoint/labels) paths relative to DIR: the spec's folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("weights", help="where torchvision weights are expected; install a downloaded file",
+                       description="Show where pretrained weights are expected, or install a file you "
+                                   "downloaded elsewhere (--from).", epilog=WEIGHTS_EPILOG,
+                       formatter_class=_Formatter)
+    p.add_argument("name", metavar="NAME", help="torchvision model name (vgg16) or zoo model")
+    p.add_argument("--weights", default="DEFAULT", metavar="NAME", help="weights enum name (default DEFAULT)")
+    p.add_argument("--from", dest="source", default=None, metavar="FILE", help="install this file")
+    p.add_argument("--no-check", action="store_true", help="skip the sha256 prefix check (custom files)")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("run", help="run specs with pytest and write the HTML report",
+                       description="Run specs through pytest with the HTML report on.", epilog=RUN_EPILOG,
+                       formatter_class=_Formatter)
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or folders")
+    p.add_argument("--report", default="reports/", metavar="DIR", help="report folder (default reports/)")
+    p.add_argument("--no-report", action="store_true", help="no HTML report")
+    p.set_defaults(func=cmd_run, pytest_args=[])
+
+    p = sub.add_parser("compare", help="run two models on the same specs, most divergent cases first",
+                       description="Compare two models case by case on the images of specs.",
+                       epilog=COMPARE_EPILOG, formatter_class=_Formatter)
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or folders")
+    p.add_argument("--a", required=True, metavar="MODEL", help="ARCH, ARCH:WEIGHTS or ARCH@CHECKPOINT_PATH")
+    p.add_argument("--b", required=True, metavar="MODEL", help="ARCH, ARCH:WEIGHTS or ARCH@CHECKPOINT_PATH")
+    p.add_argument("--a-labels", default=None, metavar="FILE", help="labels file of model A")
+    p.add_argument("--b-labels", default=None, metavar="FILE", help="labels file of model B")
+    p.add_argument("--a-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model A")
+    p.add_argument("--b-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model B")
+    p.add_argument("--out", default="reports/compare", metavar="DIR", help="report folder (default reports/compare)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="overlay colours (default jet)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``model-audit``; returns the exit code (0 ok, 1 not ok, 2 usage or user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args: list[str] = []
+    if argv and argv[0] == "run" and "--" in argv:
+        cut = argv.index("--")
+        argv, pytest_args = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "run":
+        args.pytest_args = pytest_args
+    try:
+        return int(args.func(args))
+    except AuditError as exc:
+        sys.stdout.flush()
+        _say(f"{PROG}: error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        _say(f"{PROG}: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        # `model-audit explain ... | head`: the reader left; not an error worth a traceback
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
