@@ -5,6 +5,17 @@ from pathlib import Path
 
 import pytest
 
+# pytester's in-process runs restore sys.modules afterwards; a C extension such as torch imported for the
+# first time inside such a run would be imported again by the next one and crash the interpreter.
+# Importing the heavy modules here keeps them in the snapshot that pytester restores.
+import cv2  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import torchvision  # noqa: E402,F401
+
+import audit.engine  # noqa: E402,F401
+import audit.report  # noqa: E402,F401
+import audit.zoo  # noqa: E402,F401
+
 pytest_plugins = ["pytester"]
 
 

@@ -72,7 +72,8 @@ def pytest_configure(config: pytest.Config) -> None:
         batch = int(batch)
     except ValueError:
         raise pytest.UsageError(f"--audit-batch-size must be an integer, got {batch!r}") from None
-    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch)
+    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch,
+                                             update_baselines=config.getoption("audit_update_baselines"))
     report_dir = _setting(config, "audit_report")
     worker = getattr(config, "workerinput", None)
     collector = ResultCollector(
@@ -175,7 +176,7 @@ class CaseNode(pytest.Collector):
             self.add_marker(mark)
 
     def collect(self) -> Iterator[pytest.Item]:
-        from audit.session import CaseRef
+        from audit.session import CaseRef, has_baselines
 
         ref = CaseRef(self.nodeid, self.spec, self.case)
         kinds = []
@@ -185,6 +186,8 @@ class CaseNode(pytest.Collector):
             kinds.append("prediction")
         if self.case.focus is not None:
             kinds.append("focus")
+        if self.case.error is None and has_baselines(self.spec, self.config.getoption("audit_update_baselines")):
+            kinds.append("baseline")
         for kind in dict.fromkeys(kinds):
             yield CheckItem.from_parent(self, name=kind, ref=ref, kind=kind)
 
@@ -228,7 +231,17 @@ class CheckItem(pytest.Item):
         results.note_case(self, self.observation, audit)
 
     def runtest(self) -> None:
-        result = _audit(self.config).check(self.kind, self.observation)
+        from audit.session import NoBaseline
+
+        problem = None
+        try:
+            result = _audit(self.config).check(self.kind, self.observation)
+        except NoBaseline as exc:
+            problem = exc
+        if problem is not None:
+            if _setting(self.config, "audit_strict"):
+                pytest.fail(f"{problem} [--audit-strict]", pytrace=False)
+            pytest.skip(f"model-audit: {problem}")
         _results(self.config).note_check(self, result)
         if not result.passed:
             raise CheckFailed(result)

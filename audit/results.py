@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 CASE_PROP = "model_audit_case"
@@ -104,7 +105,7 @@ class ResultCollector:
         prepared, e = observation.prepared, observation.explanation
         engine = audit.engine(ref.model)
         focus = case.focus
-        target = prepared.target if prepared.target is not None else e.top_k[0].index
+        target = observation.target
         record.update(
             image_size=list(e.image_size),
             top_k=[{"index": r.index, "label": r.label, "prob": r.prob, "expected": r.index in prepared.expected_labels}
@@ -117,6 +118,12 @@ class ResultCollector:
                        "shown": min(f.max_channels or _default_channels(f.layer, e), e.features[f.layer].shape[0])}
                       for f in case.features],
             observe_s=observation.seconds)
+        baseline_heat = None
+        if prepared.baseline_then is not None:
+            from audit.baselines import deltas
+
+            record["baseline"] = deltas(prepared.baseline_then, audit.baseline_now(observation))
+            baseline_heat = prepared.baseline_then.heatmap.astype(np.float32)
         if self.asset_dir is not None:
             from audit import report
 
@@ -125,7 +132,7 @@ class ResultCollector:
                 prepared.region_outlines, prepared.avoid_outlines, e.geometry.seen_box,
                 {f.layer: e.features[f.layer] for f in case.features},
                 {f.layer: f.max_channels or _default_channels(f.layer, e) for f in case.features},
-                colormap=self.colormap)
+                colormap=self.colormap, baseline_heat=baseline_heat)
         return record
 
     # -- controller: rebuild from reports --------------------------------------------------------

@@ -49,6 +49,8 @@ class Prepared:
     target: int | None
     prediction: checks.PredictionExpectation | None
     expected_labels: set[int]
+    baseline_then: Any = None         # audit.baselines.Baseline recorded earlier, or None
+    baseline_error: AuditError | None = None
     focus_region: Any = None          # bool mask or None
     avoid_region: Any = None
     region_outlines: list = field(default_factory=list)
@@ -62,16 +64,36 @@ class Observation:
     prepared: Prepared
     explanation: Any  # audit.engine.Explanation
     seconds: float
+    _baseline_now: Any = None
+
+    @property
+    def target(self) -> int:
+        """The class the focus check and the report explain: the focus target, else the top-1."""
+        t = self.prepared.target
+        return t if t is not None else self.explanation.top_k[0].index
 
 
 class ModelUnavailable(AuditError):
     """The model of a case cannot run here (weights not available offline): its cases are skipped."""
 
 
+class NoBaseline(AuditError):
+    """A case of a spec with baselines has none recorded yet: skipped (an error under --audit-strict)."""
+
+
+def has_baselines(spec: Spec, updating: bool) -> bool:
+    """Whether the cases of a spec get a ``::baseline`` item: when recording, or when any is recorded."""
+    from audit.baselines import BaselineStore
+
+    return updating or BaselineStore(spec.path).exists()
+
+
 class AuditSession:
     """Session-wide state of the plugin; see the module docstring."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16, cache_size: int | None = None):
+    def __init__(self, device: str = "cpu", batch_size: int = 16, cache_size: int | None = None,
+                 update_baselines: bool = False):
+        self.update_baselines = update_baselines
         self.device = device
         self.batch_size = max(1, batch_size)
         self.cache_size = cache_size or 4 * self.batch_size
@@ -182,7 +204,7 @@ class AuditSession:
         explanations = engine.explain(
             [p.image for p in prepared], top_k=max(max(p.ref.case.top_k, 5) for p in prepared),
             cam_layer=ref.model.cam_layer, feature_layers=layers,
-            targets=[p.target for p in prepared], preprocess=ref.model.preprocess, batch_size=len(prepared))
+            targets=[_targets(p) for p in prepared], preprocess=ref.model.preprocess, batch_size=len(prepared))
         seconds = time.perf_counter() - started
         self.stats["forward_passes"] += 1
         self.stats["images"] += len(prepared)
@@ -216,6 +238,13 @@ class AuditSession:
         except AuditError as exc:
             raise SpecError(str(exc), path, case.line_of("image"), f"{_key(case)}.image")
         prepared = Prepared(ref, image, target, prediction, expected)
+        if not self.update_baselines and has_baselines(ref.spec, False):
+            from audit.baselines import BaselineStore
+
+            try:
+                prepared.baseline_then = BaselineStore(ref.spec.path).load(case.id)
+            except AuditError as exc:  # a corrupt baseline fails the baseline check, not the others
+                prepared.baseline_error = exc
         if case.focus is not None:
             base = Path(path).parent
             size = image.size
@@ -274,7 +303,37 @@ class AuditSession:
                 max_energy_in_avoid=focus.max_energy_in_avoid,
                 target_desc=f"{self._name_of(prepared)(target)!r} (#{target})")
             return checks.check_focus(heat, expectation)
+        if kind == "baseline":
+            return self._check_baseline(observation)
         raise ValueError(f"unknown check kind {kind!r}")
+
+    def baseline_now(self, observation: Observation):
+        """Today's baseline record of a case (built once: it hashes the image file)."""
+        from audit.baselines import Baseline
+
+        if observation._baseline_now is None:
+            ref, then = observation.prepared.ref, observation.prepared.baseline_then
+            engine = self.engine(ref.model)
+            observation._baseline_now = Baseline.from_explanation(
+                ref.case.id, observation.explanation, ref.case.image, engine.loaded.fingerprint,
+                ref.model.preprocess, target=then.target if then is not None else observation.target)
+        return observation._baseline_now
+
+    def _check_baseline(self, observation: Observation) -> checks.CheckResult:
+        from audit.baselines import BaselineStore, compare
+
+        prepared = observation.prepared
+        ref = prepared.ref
+        if prepared.baseline_error is not None:
+            raise prepared.baseline_error
+        now = self.baseline_now(observation)
+        if self.update_baselines:
+            paths = BaselineStore(ref.spec.path).save(now)
+            return checks.CheckResult("baseline", True, f"baseline recorded: {paths[0]}", ())
+        if prepared.baseline_then is None:
+            raise NoBaseline(f"no baseline for {ref.case.id} in {BaselineStore(ref.spec.path).folder}; "
+                             f"record it with --audit-update-baselines")
+        return compare(prepared.baseline_then, now, ref.case.baseline)
 
     def _name_of(self, prepared: Prepared):
         engine = self._engines[self.model_key(prepared.ref.model)]
@@ -298,6 +357,12 @@ def _located(exc: AuditError, path: Path, line: int | None, key_path: str) -> Sp
 
 def heat_for_report(observation: Observation) -> np.ndarray:
     """The heatmap the report shows: the focus target's, else the top-1's."""
-    e = observation.explanation
-    target = observation.prepared.target
-    return e.cams[target] if target is not None and target in e.cams else e.cam
+    return observation.explanation.cams[observation.target]
+
+
+def _targets(prepared: Prepared) -> list[int] | None:
+    """Classes to explain besides the top-1: the focus target and the class the baseline recorded."""
+    wanted = [prepared.target] if prepared.target is not None else []
+    if prepared.baseline_then is not None:
+        wanted.append(int(prepared.baseline_then.target))
+    return wanted or None

@@ -1,7 +1,7 @@
 """Report benchmarks: prints ``name=value`` lines only (times in milliseconds, medians).
 
 Run: ``/work/venv/bin/python benchmarks/bench_report.py``. The grid part pins the 50 ms budget of
-``feature_grid`` for VGG16 ``features.4`` (64 maps of 112x112); the end-to-end parts belong in ``main``.
+``feature_grid`` for VGG16 ``features.4`` (64 maps of 112x112); then 100 shapes cases with and without ``--audit-report`` give the report's share of the run and its size.
 """
 from __future__ import annotations
 
@@ -25,6 +25,49 @@ def median_ms(fn, runs: int = 20, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def bench_report_share(n_cases: int = 100) -> dict[str, float]:
+    """100 shapes cases (prediction + focus + a feature grid each), run with and without the report.
+
+    ``report_share_of_run``: (run with report - run without) / run with report, both inside
+    ``pytest.main`` in fresh processes; ``report_mb``: the size of the report folder.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from audit.zoo.scenes import make_scene
+
+    script = ("import json, sys, time, pytest\n"
+              "t = time.perf_counter(); pytest.main(sys.argv[1:]); "
+              "print('BENCH', time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        cases = []
+        for i in range(n_cases):
+            scene = make_scene(20_000_000 + i)
+            scene.image.save(root / "images" / f"s{i:03d}.png")
+            cases.append({"id": f"s{i:03d}", "image": f"images/s{i:03d}.png", "expect": {"top1": scene.name},
+                          "focus": {"region": {"box": list(scene.box)}, "min_energy": 0.1},
+                          "features": ["features.1"]})
+        (root / "r.yaml").write_text(yaml.safe_dump({"model": {"arch": "shapes_vgg"}, "cases": cases}))
+
+        def timed(*extra: str) -> float:
+            out = subprocess.run([sys.executable, "-c", script, "r.yaml", "-q", "-p", "no:cacheprovider", *extra],
+                                 cwd=root, capture_output=True, text=True, check=False)
+            return float(next(line for line in out.stdout.splitlines() if line.startswith("BENCH")).split()[1])
+
+        timed()  # warm the file cache
+        without = statistics.median(timed() for _ in range(3))
+        with_report = statistics.median(timed("--audit-report", "reports") for _ in range(3))
+        size = sum(p.stat().st_size for p in (root / "reports").rglob("*") if p.is_file())
+    return {"report_share_of_run": max(0.0, (with_report - without) / with_report), "report_mb": size / 2**20,
+            "run_without_report_s": without, "run_with_report_s": with_report}
+
+
 def bench_grid() -> dict[str, float]:
     maps = np.random.default_rng(0).random((64, 112, 112), dtype=np.float32)
     return {"grid_ms": median_ms(lambda: feature_grid(maps))}
@@ -37,7 +80,7 @@ def bench_grid() -> dict[str, float]:
 def main() -> None:
     results: dict[str, float] = {}
     results.update(bench_grid())
-    # --- end-to-end benchmarks go here (lead) ---
+    results.update(bench_report_share())
     for name, value in results.items():
         print(f"{name}={value:.2f}")
 

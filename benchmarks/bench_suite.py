@@ -1,0 +1,139 @@
+"""What a whole `pytest specs/` run costs, against the unavoidable work: loading the model and one bare
+forward pass per image.
+
+Two suites are generated in a temporary folder: N shapes cases on the offline `shapes_vgg`, and M VGG16
+cases (random weights, generated 224x224 images). Each run happens in a fresh Python process, as a user
+would run it. Prints one ``name=value`` line per figure:
+
+* ``shapes_suite_ratio`` / ``vgg16_suite_ratio``: the suite's time inside ``pytest.main`` over
+  (model load in a fresh process, torch import included) + N x (bare no-grad forward of one image);
+* ``rss_ratio_200_vs_20``: peak RSS of the 200-case shapes run over that of a 20-case run;
+* ``xdist_speedup``: wall time of the shapes suite serial over ``-n 2`` (process start included).
+
+    python benchmarks/bench_suite.py [--shapes 200] [--vgg 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+RUN_PYTEST = textwrap.dedent("""
+    import json, resource, sys, time
+    import pytest
+    start = time.perf_counter()
+    code = pytest.main(sys.argv[1:])
+    took = time.perf_counter() - start
+    print("BENCH " + json.dumps({"seconds": took, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                 "exit": int(code)}))
+""")
+
+BARE = textwrap.dedent("""
+    import json, statistics, sys, time
+    start = time.perf_counter()
+    import torch
+    import audit
+    engine = audit.load_model(sys.argv[1], **json.loads(sys.argv[2]))
+    load = time.perf_counter() - start
+    size = engine.loaded.preprocessing["squash"].size
+    x = torch.rand(1, 3, size, size)
+    times = []
+    with torch.no_grad():
+        engine.module(x)
+        for _ in range(int(sys.argv[3])):
+            t = time.perf_counter(); engine.module(x); times.append(time.perf_counter() - t)
+    print("BENCH " + json.dumps({"load": load, "forward": statistics.median(times)}))
+""")
+
+
+def _bench_json(cmd: list[str], cwd: Path) -> dict:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise RuntimeError(f"benchmark run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def shapes_suite(folder: Path, n: int) -> Path:
+    from audit.zoo.scenes import make_scene
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(n):
+        scene = make_scene(10_000_000 + i)
+        name = f"scene-{i:04d}.png"
+        scene.image.save(folder / "images" / name)
+        cases.append({"id": f"scene-{i:04d}", "image": f"images/{name}", "expect": {"top1": scene.name},
+                      "focus": {"region": {"box": list(scene.box)}, "min_energy": 0.1}})
+    path = folder / "shapes.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "shapes_vgg"}, "cases": cases}, sort_keys=False))
+    return path
+
+
+def vgg_suite(folder: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(n):
+        name = f"noise-{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(folder / "images" / name)
+        cases.append({"id": f"noise-{i:03d}", "image": f"images/{name}",
+                      "expect": {"not_in_top_k": [0]},
+                      "focus": {"region": {"box_rel": [0.25, 0.25, 0.75, 0.75]}, "min_energy": 0.0}})
+    path = folder / "vgg16.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "vgg16", "weights": None, "seed": 0}, "cases": cases},
+                                   sort_keys=False))
+    return path
+
+
+def suite_ratio(spec: Path, n: int, arch: str, load_kwargs: dict, *extra: str) -> tuple[float, dict]:
+    run = _bench_json([sys.executable, "-c", RUN_PYTEST, str(spec), "-q", "-p", "no:cacheprovider", *extra],
+                      spec.parent)
+    bare = _bench_json([sys.executable, "-c", BARE, arch, json.dumps(load_kwargs), "20"], spec.parent)
+    return run["seconds"] / (bare["load"] + n * bare["forward"]), run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", type=int, default=200)
+    parser.add_argument("--vgg", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shapes = shapes_suite(root / "shapes", args.shapes)
+        small = shapes_suite(root / "shapes20", 20)
+        vgg = vgg_suite(root / "vgg", args.vgg)
+
+        ratio, big_run = suite_ratio(shapes, args.shapes, "shapes_vgg", {})
+        print(f"shapes_suite_s={big_run['seconds']:.2f}")
+        print(f"shapes_suite_ratio={ratio:.2f}")
+        small_run = _bench_json([sys.executable, "-c", RUN_PYTEST, str(small), "-q", "-p", "no:cacheprovider"],
+                                small.parent)
+        print(f"rss_ratio_200_vs_20={big_run['maxrss_kb'] / small_run['maxrss_kb']:.2f}")
+
+        serial_start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", str(shapes), "-q", "-p", "no:cacheprovider"],
+                       cwd=shapes.parent, capture_output=True, check=False)
+        serial = time.perf_counter() - serial_start
+        parallel_start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", str(shapes), "-q", "-p", "no:cacheprovider", "-n", "2"],
+                       cwd=shapes.parent, capture_output=True, check=False)
+        parallel = time.perf_counter() - parallel_start
+        print(f"xdist_speedup={serial / parallel:.2f}")
+
+        ratio, vgg_run = suite_ratio(vgg, args.vgg, "vgg16", {"weights": None, "seed": 0})
+        print(f"vgg16_suite_s={vgg_run['seconds']:.2f}")
+        print(f"vgg16_suite_ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
