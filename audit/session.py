@@ -153,7 +153,7 @@ class AuditSession:
         self.stats["model_loads"] += 1
         self.stats["model_load_s"] += time.perf_counter() - started
         self.model_info[model_label(model)] = {
-            "key": model_label(model), "arch": model.arch, "weights": model.weights,
+            "key": model_label(model), "arch": model.arch, "weights": loaded.weights,
             "checkpoint": str(model.checkpoint) if model.checkpoint else None,
             "fingerprint": loaded.fingerprint, "preprocess": model.preprocess, "device": self.device,
             "source": loaded.source, "cam_layer": model.cam_layer or engine.default_cam_layer}
@@ -342,7 +342,16 @@ class AuditSession:
 
 def model_label(model: ModelSpec) -> str:
     """A short human name of a model spec, used as its key in the report."""
-    source = f"checkpoint {model.checkpoint.name}" if model.checkpoint else f"weights {model.weights}"
+    from audit.zoo import ZOO
+
+    if model.checkpoint:
+        source = f"checkpoint {model.checkpoint.name}"
+    elif model.weights:
+        source = f"weights {model.weights}"
+    elif model.arch in ZOO:
+        source = "shipped weights"
+    else:
+        source = f"random init, seed {model.seed}"
     return f"{model.arch} ({source}, {model.preprocess})"
 
 

@@ -131,3 +131,31 @@ def test_filter_in_the_url_is_applied_on_load(browser, tmp_path):
         assert visible_cards(page) == ["circle-01"]
     finally:
         page.close()
+
+
+def test_report_of_the_shipped_specs_opens_with_every_image_decoded(browser, pytester, monkeypatch, tmp_path):
+    """The acceptance run: `pytest specs/ examples/shortcut --audit-report` as QA opens it."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MODEL_AUDIT_OFFLINE", "1")
+    out = tmp_path / "reports"
+    result = pytester.runpytest(str(repo / "specs"), str(repo / "examples" / "shortcut"), "--audit-report", str(out),
+                                "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*model-audit report: *index.html*"])
+    page, problems = open_page(browser, out / "index.html")
+    try:
+        sizes = page.evaluate("Array.from(document.images).map(i => [i.currentSrc, i.complete, i.naturalWidth])")
+        assert len(sizes) >= 4 * 22
+        assert all(complete and width > 0 for _, complete, width in sizes), [s for s in sizes if not s[2]]
+        page.click("button[data-filter=failed]")
+        failed = visible_cards(page)
+        assert len(failed) == 6 and all(card.endswith("-01") for card in failed)
+        page.click("button[data-filter=skipped]")
+        assert any("grace-hopper" in card for card in visible_cards(page))
+        page.click("button[data-filter=all]")
+        shot = tmp_path / "shipped-report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 0
+        assert problems == []
+    finally:
+        page.close()
