@@ -278,6 +278,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     audit, collector = _audit(config), _results(config)
+    if collector.report_dir is not None:
+        from audit.report import flush_assets
+
+        flush_assets()  # every picture on disk before the controller writes the page
     if hasattr(config, "workeroutput"):
         config.workeroutput["audit_stats"] = json.dumps({"stats": audit.stats, "models": audit.model_info})
         return

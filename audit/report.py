@@ -273,7 +273,47 @@ def _thumb(image: Image.Image, thumb_size: int) -> Image.Image:
     return t
 
 
+class _AssetWriter:
+    """Encodes and writes pictures on a background thread while the test session goes on.
+
+    PIL's encoders release the GIL, so on a machine whose other core idles while pytest runs its items,
+    the report costs the run far less. ``flush()`` waits for every pending file and re-raises the first
+    failure; the page is only written after it, and xdist workers flush before they finish.
+    """
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._pending: list[Any] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-audit-assets")
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        for error in errors:
+            if error is not None:
+                raise error
+
+
+_WRITER = _AssetWriter()
+
+
+def flush_assets() -> None:
+    """Wait until every picture submitted by ``render_case_assets`` is on disk (re-raises failures)."""
+    _WRITER.flush()
+
+
 def _save(image: Image.Image | np.ndarray, path: Path) -> None:
+    """Queue a picture for writing (see ``_AssetWriter``)."""
+    _WRITER.submit(_save_now, image, path)
+
+
+def _save_now(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write through a temp file so a reader (or a second worker) never sees half a PNG."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -284,7 +324,7 @@ def _save(image: Image.Image | np.ndarray, path: Path) -> None:
             if path.suffix == ".jpg":
                 image.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY, subsampling=0)
             else:
-                image.save(fh, "PNG", compress_level=6)
+                image.save(fh, "PNG", compress_level=1)  # grids: speed over a few KB
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -312,7 +352,8 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
     Full-size pictures are capped at 1024 px (tiny scenes are upscaled to >= 256 px so QA can see them);
-    thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG.
+    thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG. The files are
+    written on a background thread: ``flush_assets()`` (called by ``write_report``) waits for them.
     """
     asset_dir = Path(asset_dir)
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +400,7 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
 def _shared_colorbar(asset_dir: Path, colormap: str, height: int) -> str:
     name = f"colorbar-{colormap.lower()}-{height}.png"
     if not (asset_dir / name).exists():
-        _save(colorbar(colormap, height), asset_dir / name)
+        _save_now(colorbar(colormap, height), asset_dir / name)
     return _relative(asset_dir, name)
 
 
@@ -548,6 +589,7 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    flush_assets()
     cases = list(cases)
     temps: list[str] = []
     try:

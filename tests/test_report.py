@@ -106,6 +106,7 @@ def make_case(asset_dir: Path | None, case_id: str, outcome: str, label: str = "
                                       [box_outline(40, 40, 60, 60)], None,
                                       {"features.4": np.random.default_rng(1).random((12, 16, 16), np.float32)},
                                       {"features.4": None}, baseline_heat=heat.T)
+        R.flush_assets()  # pictures are written on a background thread
     return {"nodeid": f"specs/shapes/basic.yaml::{case_id}", "spec": "specs/shapes/basic.yaml", "line": 12,
             "case_id": case_id, "model": "shapes", "image": "specs/shapes/img/c.png", "image_size": [64, 64],
             "outcome": outcome,
@@ -282,6 +283,7 @@ def test_render_case_assets_writes_decodable_files_sized_for_the_screen(report_d
     a = R.render_case_assets(asset_dir, "dog/01 <b>", photo, heat, [box_outline(100, 100, 900, 900)], [],
                              (250, 0, 1750, 1500), {"features.30": maps}, {"features.30": 72},
                              baseline_heat=heat, thumb_size=200)
+    R.flush_assets()  # pictures are written on a background thread
     for key in ["image", "heatmap", "overlay", "baseline_heatmap"]:
         assert a[key].startswith(f"assets/{run_id}/")
         with Image.open(out / a[key]) as full:
@@ -301,6 +303,7 @@ def test_render_case_assets_writes_decodable_files_sized_for_the_screen(report_d
 def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(64), np.ones((64, 64), np.float32), [], [], None, {}, {})
+    R.flush_assets()  # pictures are written on a background thread
     for key in ["image", "heatmap", "overlay", "image_thumb"]:
         with Image.open(out / a[key]) as im:
             assert im.size == (256, 256)
@@ -311,6 +314,7 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
 def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(), None, None, None, None, None, None)
+    R.flush_assets()  # pictures are written on a background thread
     assert set(a) == {"image", "image_thumb", "grids"}
 
 
