@@ -556,19 +556,22 @@ def _is_tensor_dict(value: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
 
 
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-_REFUSAL_MARKERS = ("Unsupported global", "Unsupported class", "unrecognized function", "not an allowed global")
+_REFUSED_GLOBAL = re.compile(r"unsupported global:? GLOBAL (\S+)", re.IGNORECASE)
+_REFUSAL_MARKERS = ("unsupported global", "unsupported class", "unrecognized function", "not an allowed global",
+                    "is blocked")
 
 
 def _is_refusal(exc: BaseException) -> bool:
     """weights_only refuses objects it does not allow; other unpickling errors mean a broken file."""
-    return any(marker in str(exc) for marker in _REFUSAL_MARKERS)
+    text = str(exc).lower()
+    return any(marker in text for marker in _REFUSAL_MARKERS)
 
 
 def _pickle_reason(exc: BaseException) -> str:
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
+    text = re.split(r"Re-running `?torch\.load`? with `?weights_only`? set to `?False`?", text, maxsplit=1)[0]
     return " ".join(text.split("Check the documentation", 1)[0].split()) or type(exc).__name__
 
 

@@ -295,7 +295,7 @@ def _mask_contours(mask: np.ndarray) -> list[list[Point]]:
 # ------------------------------------------------------------------------------------------ formatting
 
 def _fmt_num(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
         return str(int(v))
     if isinstance(v, float):
         return f"{v:g}"

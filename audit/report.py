@@ -86,10 +86,15 @@ def feature_grid(maps: np.ndarray, max_channels: int | None = None, columns: int
     cols = max(1, int(columns)) if columns else grid_columns(n)
     rows = max(1, math.ceil(n / cols))
 
+    if n == 0:
+        return np.full((max(1, h), max(1, w)), separator, dtype=np.uint8)
     flat = x.reshape(n, -1)
-    lo = flat.min(axis=1) if n else np.zeros(0, np.float32)
-    span = (flat.max(axis=1) - lo) if n else np.zeros(0, np.float32)
-    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    # float64: a channel spanning +-3e38 or a subnormal span must not overflow to inf/NaN
+    lo = flat.min(axis=1).astype(np.float64)
+    span = flat.max(axis=1).astype(np.float64) - lo
+    with np.errstate(divide="ignore", over="ignore"):
+        scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    scale[~np.isfinite(scale)] = 0.0
     norm = (x - lo[:, None, None]) * scale[:, None, None]
     np.clip(norm, 0, 255, out=norm)
     norm += 0.5
