@@ -7,6 +7,8 @@ would run it. Prints one ``name=value`` line per figure:
 
 * ``shapes_suite_ratio`` / ``vgg16_suite_ratio``: the suite's time inside ``pytest.main`` over
   (model load in a fresh process, torch import included) + N x (bare no-grad forward of one image);
+  ``shapes_suite_ratio_lean``: the same with ``-p no:logging -p no:hypothesispytest``, since pytest's
+  per-item logging capture and hypothesis' plugin cost more than the tiny model's forward pass;
 * ``rss_ratio_200_vs_20``: peak RSS of the 200-case shapes run over that of a 20-case run;
 * ``xdist_speedup``: wall time of the shapes suite serial over ``-n 2`` (process start included).
 
@@ -116,6 +118,9 @@ def main() -> None:
         ratio, big_run = suite_ratio(shapes, args.shapes, "shapes_vgg", {})
         print(f"shapes_suite_s={big_run['seconds']:.2f}")
         print(f"shapes_suite_ratio={ratio:.2f}")
+        # the same run without two plugins of the dev environment that cost ~2 ms per item
+        lean, _ = suite_ratio(shapes, args.shapes, "shapes_vgg", {}, "-p", "no:logging", "-p", "no:hypothesispytest")
+        print(f"shapes_suite_ratio_lean={lean:.2f}")
         small_run = _bench_json([sys.executable, "-c", RUN_PYTEST, str(small), "-q", "-p", "no:cacheprovider"],
                                 small.parent)
         print(f"rss_ratio_200_vs_20={big_run['maxrss_kb'] / small_run['maxrss_kb']:.2f}")
