@@ -72,10 +72,13 @@ def pytest_configure(config: pytest.Config) -> None:
         batch = int(batch)
     except ValueError:
         raise pytest.UsageError(f"--audit-batch-size must be an integer, got {batch!r}") from None
-    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch,
+    worker = getattr(config, "workerinput", None)
+    lookahead = "model"
+    if worker is not None:  # which items this worker gets is only known for file-grouped scheduling
+        lookahead = worker.get("audit_lookahead", "none")
+    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch, lookahead=lookahead,
                                              update_baselines=config.getoption("audit_update_baselines"))
     report_dir = _setting(config, "audit_report")
-    worker = getattr(config, "workerinput", None)
     collector = ResultCollector(
         report_dir=Path(report_dir) if report_dir else None,
         self_contained=config.getoption("audit_report_self_contained"),
@@ -103,6 +106,8 @@ class _XdistHooks:
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["audit_run_id"] = self.collector.run_id
+        grouped = node.config.getoption("dist", "load") in ("loadfile", "loadscope")
+        node.workerinput["audit_lookahead"] = "file" if grouped else "none"
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:

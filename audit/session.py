@@ -92,7 +92,12 @@ class AuditSession:
     """Session-wide state of the plugin; see the module docstring."""
 
     def __init__(self, device: str = "cpu", batch_size: int = 16, cache_size: int | None = None,
-                 update_baselines: bool = False):
+                 update_baselines: bool = False, lookahead: str = "model"):
+        """``lookahead``: which not-yet-run cases join a batch: ``model`` (every case of the model, in
+        run order: serial runs), ``file`` (the same spec file: xdist with ``--dist loadfile``), ``none``
+        (xdist's default scheduling, where a worker cannot know which items it will get: observing
+        cases another worker runs would be a second forward pass for those images)."""
+        self.lookahead = lookahead
         self.update_baselines = update_baselines
         self.device = device
         self.batch_size = max(1, batch_size)
@@ -180,7 +185,9 @@ class AuditSession:
 
     def _observe_batch(self, nodeid: str) -> None:
         ref = self.refs[nodeid]
-        queue = self._queue.get(self.model_key(ref.model), [nodeid])
+        queue = self._queue.get(self.model_key(ref.model), [nodeid]) if self.lookahead != "none" else [nodeid]
+        if self.lookahead == "file":
+            queue = [n for n in queue if self.refs[n].spec.path == ref.spec.path]
         start = queue.index(nodeid) if nodeid in queue else 0
         batch = [n for n in queue[start:] if n not in self._observations][: self.batch_size]
         if nodeid not in batch:

@@ -220,3 +220,18 @@ def test_report_is_written_with_results_json(pytester, scenes):
     assert first["top_k"][0]["expected"] is True
     for path in (first["assets"]["overlay"], first["assets"]["grids"]["features.1"]):
         assert (pytester.path / "reports" / path).is_file()
+
+
+def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahead(pytester, scenes):
+    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
+    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+    grouped = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile")
+    assert grouped.parseoutcomes() == {"passed": 24}
+    grouped.stdout.fnmatch_lines(["*12 cases*12 images in 2 forward passes*"])
+    default = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    assert default.parseoutcomes() == {"passed": 24}
+    # a worker cannot know which items it gets: at most one observation per item, never a batch of
+    # cases that another worker will run
+    line = next(line for line in default.outlines if "forward passes" in line)
+    images = int(line.split(" images in ")[0].rsplit(" ", 1)[1])
+    assert 12 <= images <= 24
