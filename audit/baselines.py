@@ -16,14 +16,11 @@ This module never imports torch (numpy, cv2 and json only): versions come from p
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -35,6 +32,7 @@ import numpy as np
 
 from audit.checks import CheckResult, Metric
 from audit.errors import AuditError
+from audit.files import atomic_write
 
 __all__ = ["Baseline", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
            "pearson", "hot_iou", "topk_overlap", "prob_drift", "compare", "deltas", "HOT_FRACTION"]
@@ -221,9 +219,9 @@ class BaselineStore:
         json_path, npy_path = self.paths(baseline.case_id)
         self.folder.mkdir(parents=True, exist_ok=True)
         heat = np.ascontiguousarray(np.asarray(baseline.heatmap, dtype=np.float16))
-        _atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False))
+        atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False), durable=True)
         text = json.dumps(baseline.to_json(npy_path.name), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")))
+        atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")), durable=True)
         return [json_path, npy_path]
 
 
@@ -252,23 +250,6 @@ def _unusable(path: Path, reason: str) -> AuditError:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
+from audit.files import atomic_write
 
 PROG = "model-audit"
 NONE_WEIGHTS = ("none", "null", "random")
@@ -143,18 +144,7 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def _save_png(picture: Any, path: Path) -> None:

@@ -26,7 +26,6 @@ from typing import Any, Iterator
 import pytest
 
 from audit.errors import AuditError
-from audit.results import CASE_PROP, CHECK_PROP  # noqa: F401  (re-exported for tests)
 from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
 SESSION_KEY = pytest.StashKey["Any"]()

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from audit.errors import AuditError, UnknownNameError, closest
+from audit.files import atomic_write, file_mode
 
 __all__ = ["feature_grid", "colorize", "overlay", "colorbar", "draw_regions", "outlines_from_mask",
            "safe_stem", "ReportWriter", "check_writable", "new_run_dir", "render_case_assets",
@@ -319,29 +320,13 @@ def _save(image: Image.Image | np.ndarray, path: Path) -> None:
 
 
 def _save_now(image: Image.Image | np.ndarray, path: Path) -> None:
-    """Write through a temp file so a reader (or a second worker) never sees half a PNG."""
+    """Write one picture atomically, so a reader (or a second worker) never sees half a PNG."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        os.chmod(tmp, _file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            if path.suffix == ".jpg":
-                image.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-            else:
-                image.save(fh, "PNG", compress_level=1)  # grids: speed over a few KB
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _file_mode() -> int:
-    """The mode an ordinary ``open()`` would give (mkstemp's 0600 would hide the report from a web server)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    if path.suffix == ".jpg":
+        atomic_write(path, lambda fh: image.convert("RGB").save(fh, "JPEG", quality=JPEG_QUALITY, subsampling=0))
+    else:
+        atomic_write(path, lambda fh: image.save(fh, "PNG", compress_level=1))  # grids: speed over a few KB
 
 
 def _relative(asset_dir: Path, name: str) -> str:
@@ -575,7 +560,7 @@ def _run_view(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dic
 def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[str]) -> str:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=prefix, suffix=".tmp")
     temps.append(tmp)
-    os.chmod(tmp, _file_mode())
+    os.chmod(tmp, file_mode())
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
         for chunk in chunks:
             fh.write(chunk)
