@@ -73,11 +73,8 @@ def bench_grid() -> dict[str, float]:
     return {"grid_ms": median_ms(lambda: feature_grid(maps))}
 
 
-# ==================================================================================================
-# main(): the lead extends this with the end-to-end parts (render_case_assets, write_report, ...).
-# Keep the output format: one ``name=value`` line per measurement, nothing else on stdout.
-# ==================================================================================================
 def main() -> None:
+    """One ``name=value`` line per measurement, nothing else on stdout."""
     results: dict[str, float] = {}
     results.update(bench_grid())
     results.update(bench_report_share())
