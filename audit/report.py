@@ -353,10 +353,13 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     display = _for_display(image, factor)
     out: dict[str, Any] = {}
 
+    sizes: dict[str, list[int]] = {}  # so the page never reopens a picture to learn its size
+
     def put(key: str, picture: Image.Image, suffix: str = ".jpg", thumb: bool = True) -> None:
         name = f"{stem}-{key.replace('_', '-')}{suffix}"
         _save(picture, asset_dir / name)
         out[key] = _relative(asset_dir, name)
+        sizes[out[key]] = list(picture.size)
         if thumb:
             small = _thumb(picture, thumb_size)
             if small is picture:   # already thumbnail-sized: one file serves both
@@ -365,6 +368,7 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
             tname = f"{stem}-{key.replace('_', '-')}-thumb{suffix}"
             _save(small, asset_dir / tname)
             out[f"{key}_thumb"] = _relative(asset_dir, tname)
+            sizes[out[f"{key}_thumb"]] = list(small.size)
 
     put("image", draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
     # Heatmaps and overlays of tiny scenes stay at their own size: the page scales them up (pixelated),
@@ -386,7 +390,9 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
         name = f"{stem}-grid-{safe_stem(layer, 24)}.png"
         _save(grid, asset_dir / name)
         grids[layer] = _relative(asset_dir, name)
+        sizes[grids[layer]] = [grid.shape[1], grid.shape[0]]
     out["grids"] = grids
+    out["sizes"] = sizes
     return out
 
 
@@ -484,9 +490,10 @@ class _Assets:
 
     MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
-    def __init__(self, out_dir: Path, self_contained: bool):
+    def __init__(self, out_dir: Path, self_contained: bool, sizes: Mapping[str, Sequence[int]] | None = None):
         self.out_dir = out_dir
         self.self_contained = self_contained
+        self.sizes = dict(sizes or {})  # asset path → [width, height], recorded when it was drawn
 
     def picture(self, rel: str | None, thumb_rel: str | None = None) -> dict | None:
         """``{"src", "href", "width", "height"}`` of a picture shown as a thumbnail linking to full size."""
@@ -495,8 +502,9 @@ class _Assets:
         full = self.out_dir / rel
         if not full.is_file():
             return None
-        shown = self.out_dir / thumb_rel if thumb_rel and (self.out_dir / thumb_rel).is_file() else full
-        width, height = _image_size(shown)
+        shown_rel = thumb_rel if thumb_rel and (self.out_dir / thumb_rel).is_file() else rel
+        shown = self.out_dir / shown_rel
+        width, height = self.sizes.get(shown_rel) or _image_size(shown)
         pixelated = max(width, height) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
         if pixelated:
             k = math.ceil(DISPLAY_MIN / max(width, height))
@@ -595,7 +603,8 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
                    "cases": _jsonable([dict(c) for c in cases])}
         json_tmp = _write_temp(out_dir, ".results-", [json.dumps(payload, ensure_ascii=False)],
                                temps)
-        assets = _Assets(out_dir, self_contained)
+        assets = _Assets(out_dir, self_contained,
+                         {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
         template = _env().get_template("report.html")
         html = template.generate(**_run_view(run, cases), cases=_views(cases, assets), run_id=run_id,
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),

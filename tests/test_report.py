@@ -319,7 +319,7 @@ def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(), None, None, None, None, None, None)
     R.flush_assets()  # pictures are written on a background thread
-    assert set(a) == {"image", "image_thumb", "grids"}
+    assert set(a) == {"image", "image_thumb", "grids", "sizes"}
 
 
 # ---------------------------------------------------------------------------------------------
