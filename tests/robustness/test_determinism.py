@@ -24,9 +24,9 @@ RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 
 
 def normalise(value: Any, run_id: str) -> Any:
-    """``value`` without timing keys, with ``run_id`` in every string replaced by ``<run>``."""
+    """``value`` without timing keys, with ``run_id`` in every string (keys too) replaced by ``<run>``."""
     if isinstance(value, dict):
-        return {k: normalise(v, run_id) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k.replace(run_id, "<run>"): normalise(v, run_id) for k, v in value.items() if k not in TIMING_KEYS}
     if isinstance(value, list):
         return [normalise(v, run_id) for v in value]
     if isinstance(value, str):
