@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -36,6 +37,32 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool 
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """``atomic_write`` for bytes already in memory, in a handful of system calls.
+
+    The report's picture thread calls this for every picture while the tests run: each call holds the
+    interpreter lock only between the calls below. The temp name is unique per process and thread;
+    ``os.open`` applies the umask like ``open()`` does.
+    """
+    head, name = os.path.split(os.fspath(path))
+    path = os.path.join(head, name)
+    tmp = os.path.join(head, f".tmp-{os.getpid()}-{threading.get_ident()}-{name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

@@ -178,6 +178,28 @@ def test_feature_grid_normalises_each_channel_to_its_own_range():
     assert first[0, 0] == 0 and first[-1, -1] == 255
 
 
+def _reference_tiles(maps: np.ndarray) -> np.ndarray:
+    """Each channel stretched to 0..255 in float64, one at a time: the obvious way, as an oracle."""
+    out = []
+    for m in maps.astype(np.float64):
+        lo, hi = m.min(), m.max()
+        out.append(np.zeros_like(m) if hi == lo else (m - lo) * (255.0 / (hi - lo)))
+    return np.clip(np.floor(np.array(out) + 0.5), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("offset, span", [(0.0, 1.0), (1e6, 1e-2), (-3e4, 7e4), (1e30, 1e29), (-3e38, 6e38)])
+def test_feature_grid_tiles_equal_a_float64_reference(offset, span):
+    rng = np.random.default_rng(4)
+    maps = (offset + span * rng.random((6, 9, 11))).astype(np.float32)
+    maps[0] = np.float32(offset)                     # a constant channel
+    if span > 1e38:                                  # both ends of float32 in one channel
+        maps[1, 0, 0], maps[1, 0, 1] = -3.4e38, 3.4e38
+    grid = R.feature_grid(maps, columns=6, label=False)
+    tiles = np.stack([grid[:9, i * 12:i * 12 + 11] for i in range(6)])
+    expected = _reference_tiles(maps)
+    assert np.abs(tiles.astype(int) - expected).max() <= 1   # float32 rounding may move a pixel by one
+
+
 def test_feature_grid_constant_and_nan_channels_are_black():
     maps = np.stack([np.full((10, 10), 7.0, np.float32), np.full((10, 10), np.nan, np.float32)])
     grid = R.feature_grid(maps, columns=2, label=False)
@@ -208,6 +230,15 @@ def test_colorize_is_cv2_jet_in_rgb_order():
     assert rgb.shape == (1, 2, 3) and rgb.dtype == np.uint8
     assert rgb[0, 0, 2] > 100 and rgb[0, 0, 0] == 0      # 0 → blue
     assert rgb[0, 1, 0] > 100 and rgb[0, 1, 2] == 0      # 1 → red
+
+
+@pytest.mark.parametrize("name", sorted(R.COLORMAPS))
+def test_colorize_equals_cv2_apply_color_map_for_every_colormap(name):
+    heat = np.random.default_rng(3).random((17, 23), np.float32)
+    heat[0, :3] = [np.nan, -1.0, 2.0]
+    u8 = np.uint8(np.clip(np.nan_to_num(heat, nan=0.0), 0, 1) * 255.0 + 0.5)
+    expected = cv2.applyColorMap(u8, R.COLORMAPS[name])[..., ::-1]
+    np.testing.assert_array_equal(R.colorize(heat, name.upper()), expected)
 
 
 def test_colorize_unknown_colormap_names_the_choices():
@@ -297,7 +328,7 @@ def test_render_case_assets_writes_decodable_files_sized_for_the_screen(report_d
         assert grid.size == (12 * 50 - 1, 6 * 50 - 1)      # 72 maps, 7x7 upscaled x7 to 49 px tiles
     with Image.open(out / a["colorbar"]) as bar:
         assert bar.format == "PNG"
-    assert not [p for p in asset_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in asset_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
 def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
