@@ -24,19 +24,21 @@ import secrets
 import shutil
 import tempfile
 import unicodedata
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import cv2
-import jinja2
 import numpy as np
 from PIL import Image
 
 from audit.errors import AuditError, UnknownNameError, closest
 from audit.files import atomic_write_bytes, file_mode
 
+if TYPE_CHECKING:
+    import jinja2
+
 __all__ = ["feature_grid", "colorize", "overlay", "colorbar", "draw_regions", "outlines_from_mask",
-           "safe_stem", "ReportWriter", "check_writable", "new_run_dir", "render_case_assets",
+           "safe_stem", "ReportWriter", "check_writable", "new_run_dir", "render_case_assets", "warm_up",
            "write_report", "SCHEMA_VERSION", "RUN_ID_PATTERN"]
 
 SCHEMA_VERSION = 1
@@ -120,13 +122,21 @@ def _label_tiles(tiles: np.ndarray, n: int, h: int, w: int) -> None:
     """Channel index in the top-left corner, white on a black box so it reads on any tile."""
     if min(h, w) < 16:
         return
-    font, scale, thick = cv2.FONT_HERSHEY_PLAIN, (0.8 if min(h, w) >= 64 else 0.6), 1
+    scale = 0.8 if min(h, w) >= 64 else 0.6
     for i in range(n):
-        text = str(i)
-        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
-        tile = tiles[i]
-        tile[0:th + base + 2, 0:tw + 3] = 0
-        cv2.putText(tile, text, (1, th + 1), font, scale, 255, thick, cv2.LINE_AA)
+        stamp = _label_stamp(i, scale)[:h, :w]   # a 3-digit label is cut at a 16 px tile's edge
+        tiles[i, :stamp.shape[0], :stamp.shape[1]] = stamp
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_stamp(index: int, scale: float) -> np.ndarray:
+    """The label of one channel, drawn once per index: a 512-channel grid should not call OpenCV 512 times."""
+    font, thick, text = cv2.FONT_HERSHEY_PLAIN, 1, str(index)
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    stamp = np.zeros((th + base + 2, tw + 3), dtype=np.uint8)
+    cv2.putText(stamp, text, (1, th + 1), font, scale, 255, thick, cv2.LINE_AA)
+    stamp.setflags(write=False)
+    return stamp
 
 
 def _colormap_code(colormap: str) -> int:
@@ -343,14 +353,14 @@ def flush_assets() -> None:
     _WRITER.flush()
 
 
-def _save_all(pictures: list[tuple[Image.Image | np.ndarray, Path]]) -> None:
+def _save_all(pictures: list[tuple[Image.Image | np.ndarray, str]]) -> None:
     for picture, path in pictures:
         _save_now(picture, path)
 
 
-def _save_now(image: Image.Image | np.ndarray, path: Path) -> None:
+def _save_now(image: Image.Image | np.ndarray, path: Path | str) -> None:
     """Write one picture atomically, so a reader (or a second worker) never sees half a PNG."""
-    atomic_write_bytes(path, _encode(image, path.suffix))
+    atomic_write_bytes(path, _encode(image, os.path.splitext(path)[1]))
 
 
 def _encode(image: Image.Image | np.ndarray, suffix: str) -> bytes:
@@ -380,7 +390,7 @@ def _encode(image: Image.Image | np.ndarray, suffix: str) -> bytes:
 
 def _relative(asset_dir: Path, name: str) -> str:
     """Asset path relative to the report folder (``out_dir/assets/<run>/x`` → ``assets/<run>/x``)."""
-    return str(PurePosixPath(asset_dir.parent.name, asset_dir.name, name))
+    return f"{asset_dir.parent.name}/{asset_dir.name}/{name}"
 
 
 def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.ndarray | None,
@@ -403,12 +413,14 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     out: dict[str, Any] = {}
 
     sizes: dict[str, list[int]] = {}  # so the page never reopens a picture to learn its size
-    pictures: list[tuple[Image.Image | np.ndarray, Path]] = []   # encoded and written in one background job
+    pictures: list[tuple[Image.Image | np.ndarray, str]] = []   # encoded and written in one background job
+    folder = str(asset_dir)
+    relative = _relative(asset_dir, "")
 
     def put(key: str, picture: Image.Image, suffix: str = ".jpg", thumb: bool = True) -> None:
         name = f"{stem}-{key.replace('_', '-')}{suffix}"
-        pictures.append((picture, asset_dir / name))
-        out[key] = _relative(asset_dir, name)
+        pictures.append((picture, os.path.join(folder, name)))
+        out[key] = relative + name
         sizes[out[key]] = list(picture.size)
         if thumb:
             small = _thumb(picture, thumb_size)
@@ -416,8 +428,8 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                 out[f"{key}_thumb"] = out[key]
                 return
             tname = f"{stem}-{key.replace('_', '-')}-thumb{suffix}"
-            pictures.append((small, asset_dir / tname))
-            out[f"{key}_thumb"] = _relative(asset_dir, tname)
+            pictures.append((small, os.path.join(folder, tname)))
+            out[f"{key}_thumb"] = relative + tname
             sizes[out[f"{key}_thumb"]] = list(small.size)
 
     put("image", draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
@@ -438,8 +450,8 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
         up = math.ceil(GRID_MIN_TILE / small) if 0 < small < GRID_MIN_TILE else 1
         grid = feature_grid(maps, (max_channels or {}).get(layer), upscale=up)
         name = f"{stem}-grid-{safe_stem(layer, 24)}.png"
-        pictures.append((grid, asset_dir / name))
-        grids[layer] = _relative(asset_dir, name)
+        pictures.append((grid, os.path.join(folder, name)))
+        grids[layer] = relative + name
         sizes[grids[layer]] = [grid.shape[1], grid.shape[0]]
     out["grids"] = grids
     out["sizes"] = sizes
@@ -447,10 +459,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     return out
 
 
+_COLORBARS: set[str] = set()   # colour bars this process has written (one per run, colormap and height)
+
+
 def _shared_colorbar(asset_dir: Path, colormap: str, height: int) -> str:
     name = f"colorbar-{colormap.lower()}-{height}.png"
-    if not (asset_dir / name).exists():
-        _save_now(colorbar(colormap, height), asset_dir / name)
+    path = os.path.join(asset_dir, name)
+    if path not in _COLORBARS:
+        if not os.path.exists(path):
+            _save_now(colorbar(colormap, height), path)
+        _COLORBARS.add(path)
     return _relative(asset_dir, name)
 
 
@@ -505,12 +523,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-_ENV: jinja2.Environment | None = None
+_ENV: "jinja2.Environment | None" = None
 
 
-def _env() -> jinja2.Environment:
+def _env() -> "jinja2.Environment":
+    """The template environment (jinja2 is imported here, not at module import: see ``warm_up``)."""
     global _ENV
     if _ENV is None:
+        import jinja2
+
         env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"),
                                  autoescape=jinja2.select_autoescape(["html", "xml"]),
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -518,6 +539,20 @@ def _env() -> jinja2.Environment:
         env.filters["pct"] = lambda v: "" if v is None else f"{100.0 * float(v):.1f}%"
         _ENV = env
     return _ENV
+
+
+def warm_up() -> None:
+    """Import jinja2 and compile the page template on the picture thread, at session start.
+
+    The session's own start (importing torch, loading the model) leaves the interpreter idle in long
+    stretches, so the ~50 ms of import and compilation cost the run next to nothing there; at the end
+    of the run they would add to it. ``write_report`` waits for it like for any picture.
+    """
+    _WRITER.submit(_compile_page)
+
+
+def _compile_page() -> None:
+    _env().get_template("report.html")
 
 
 def _fmt_num(value: Any) -> str:

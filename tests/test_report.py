@@ -213,6 +213,13 @@ def test_feature_grid_labels_tiles_with_their_channel_index():
     assert (labelled[20:, :40] == 0).all()           # the rest of the tile stays untouched
 
 
+def test_feature_grid_labels_fit_tiles_even_with_many_channels_of_16_px():
+    grid = R.feature_grid(np.zeros((512, 16, 16), np.float32))
+    assert grid.shape == (23 * 17 - 1, 23 * 17 - 1)
+    tile_511 = grid[22 * 17:22 * 17 + 16, 5 * 17:5 * 17 + 16]   # the last tile: 511 = 22 * 23 + 5
+    assert tile_511.max() > 200                                 # white label pixels, cut at the edge
+
+
 def test_feature_grid_upscale_repeats_pixels():
     maps = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
     grid = R.feature_grid(maps, upscale=3, label=False)
