@@ -1,8 +1,9 @@
 """Spec files: YAML in, typed and validated dataclasses out, every value traceable to its file:line.
 
 Why a loader of our own: a spec author needs "file:line key path: message", and PyYAML forgets where
-values came from. ``_SpecLoader`` is a ``yaml.SafeLoader`` subclass (nothing is registered on PyYAML's
-classes, so other suites loading YAML are unaffected) that composes the node graph and then builds
+values came from. ``_SpecLoader`` is PyYAML's safe loader (libyaml's ``CSafeLoader`` when PyYAML has
+it) with a builder mixed in (nothing is registered on PyYAML's classes, so other suites loading YAML
+are unaffected); it composes the node graph and then builds
 plain dicts, lists and scalars itself, recording the lines of every key path. Building it ourselves
 is also what makes the loader strict: only the standard JSON-like tags are accepted (``!!python/...``
 and any other tag is refused before anything is constructed), duplicate keys are errors instead of
@@ -261,11 +262,11 @@ def _read(path: Path) -> str:
         raise SpecError(f"the spec is not UTF-8 text (byte {exc.start})", path, line) from None
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """A SafeLoader that builds plain data itself and records the lines of every key path.
+class _SpecBuilder:
+    """Builds plain data from a safe loader's node graph and records the lines of every key path.
 
     Only the standard scalar tags reach PyYAML's (safe) constructors; collections are built here, which
-    is where duplicate keys, foreign tags and alias expansion are caught.
+    is where duplicate keys, foreign tags and alias expansion are caught. Mixed into a safe loader below.
     """
 
     def __init__(self, text: str, path: Path):
@@ -348,6 +349,17 @@ class _SpecLoader(yaml.SafeLoader):
         return result
 
 
+class _PySpecLoader(_SpecBuilder, yaml.SafeLoader):
+    """Pure-Python parsing: used where PyYAML was built without libyaml."""
+
+
+class _CSpecLoader(_SpecBuilder, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """libyaml parsing: the same nodes and marks, about ten times faster on a 200-case spec."""
+
+
+_SpecLoader = _CSpecLoader if getattr(yaml, "__with_libyaml__", False) else _PySpecLoader
+
+
 def _parse(text: str, path: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
     """The document's data and its line map; every failure is a ``SpecError`` with a line."""
     loader = None
@@ -357,7 +369,7 @@ def _parse(text: str, path: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
             raise SpecError("empty spec: expected a mapping with 'model' and 'cases'", path, 1)
         node = loader.get_node()
         if loader.check_node():
-            line = loader.peek_event().start_mark.line + 1
+            line = _document_start_line(text, node.end_mark.line, loader.peek_event().start_mark.line)
             raise SpecError("a spec holds one YAML document; found a second one ('---')", path, line)
         if isinstance(node, ScalarNode) and node.tag == _YAML + "null":
             raise SpecError("empty spec: expected a mapping with 'model' and 'cases'", path,
@@ -380,6 +392,14 @@ def _parse(text: str, path: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _document_start_line(text: str, after: int, fallback: int) -> int:
+    """1-based line of the '---' that opens the next document (libyaml marks its first content instead)."""
+    for number, line in enumerate(text.splitlines()[after:fallback + 1], start=after + 1):
+        if line.startswith("---"):
+            return number
+    return fallback + 1
 
 
 def _span(first: Node, last: Node) -> tuple[int, int]:

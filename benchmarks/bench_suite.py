@@ -10,7 +10,15 @@ would run it. Prints one ``name=value`` line per figure:
   ``shapes_suite_ratio_lean``: the same with ``-p no:logging -p no:hypothesispytest``, since pytest's
   per-item logging capture and hypothesis' plugin cost more than the tiny model's forward pass;
 * ``rss_ratio_200_vs_20``: peak RSS of the 200-case shapes run over that of a 20-case run;
-* ``xdist_speedup``: wall time of the shapes suite serial over ``-n 2`` (process start included).
+* ``xdist_speedup``: wall time of the shapes suite serial over ``-n 2`` (process start included);
+  ``xdist_speedup_vgg16`` the same for the VGG16 suite, and ``xdist_speedup_vgg16_one_thread`` with
+  ``OMP_NUM_THREADS=1`` on both sides: a serial run's torch already uses every core for the
+  convolutions, so this last figure is the one that shows what the workers themselves add.
+
+The bare baseline is what a user's script does: ``import torch``, load the model, call it. The plugin
+pauses the garbage collector while it loads the model (a plain ``import torch`` spends ~0.3 s in
+collection passes), so ``shapes_suite_ratio_strict`` also gives the baseline that head start, to show
+the overhead with nothing counted as free.
 
     python benchmarks/bench_suite.py [--shapes 200] [--vgg 32]
 """
@@ -40,11 +48,16 @@ RUN_PYTEST = textwrap.dedent("""
 """)
 
 BARE = textwrap.dedent("""
-    import json, statistics, sys, time
+    import gc, json, statistics, sys, time
     start = time.perf_counter()
+    strict = sys.argv[4] == "strict"
+    if strict:
+        gc.disable()   # the plugin's own head start: no collection passes during the load
     import torch
     import audit
     engine = audit.load_model(sys.argv[1], **json.loads(sys.argv[2]))
+    if strict:
+        gc.freeze(); gc.enable()
     load = time.perf_counter() - start
     size = engine.loaded.preprocessing["squash"].size
     x = torch.rand(1, 3, size, size)
@@ -97,11 +110,26 @@ def vgg_suite(folder: Path, n: int) -> Path:
     return path
 
 
-def suite_ratio(spec: Path, n: int, arch: str, load_kwargs: dict, *extra: str) -> tuple[float, dict]:
+def suite_ratio(spec: Path, n: int, arch: str, load_kwargs: dict, *extra: str,
+                strict: bool = False) -> tuple[float, dict]:
     run = _bench_json([sys.executable, "-c", RUN_PYTEST, str(spec), "-q", "-p", "no:cacheprovider", *extra],
                       spec.parent)
-    bare = _bench_json([sys.executable, "-c", BARE, arch, json.dumps(load_kwargs), "20"], spec.parent)
+    bare = _bench_json([sys.executable, "-c", BARE, arch, json.dumps(load_kwargs), "20",
+                        "strict" if strict else "plain"], spec.parent)
     return run["seconds"] / (bare["load"] + n * bare["forward"]), run
+
+
+def xdist_speedup(spec: Path, **env: str) -> float:
+    """Wall time of ``pytest spec`` over that of ``pytest spec -n 2``, each a fresh process (start included)."""
+    import os
+
+    def wall(*extra: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", str(spec), "-q", "-p", "no:cacheprovider", *extra],
+                       cwd=spec.parent, capture_output=True, check=False, env={**os.environ, **env})
+        return time.perf_counter() - start
+
+    return wall() / wall("-n", "2")
 
 
 def main() -> None:
@@ -121,23 +149,19 @@ def main() -> None:
         # the same run without two plugins of the dev environment that cost ~2 ms per item
         lean, _ = suite_ratio(shapes, args.shapes, "shapes_vgg", {}, "-p", "no:logging", "-p", "no:hypothesispytest")
         print(f"shapes_suite_ratio_lean={lean:.2f}")
+        strict, _ = suite_ratio(shapes, args.shapes, "shapes_vgg", {}, strict=True)
+        print(f"shapes_suite_ratio_strict={strict:.2f}")
         small_run = _bench_json([sys.executable, "-c", RUN_PYTEST, str(small), "-q", "-p", "no:cacheprovider"],
                                 small.parent)
         print(f"rss_ratio_200_vs_20={big_run['maxrss_kb'] / small_run['maxrss_kb']:.2f}")
 
-        serial_start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", str(shapes), "-q", "-p", "no:cacheprovider"],
-                       cwd=shapes.parent, capture_output=True, check=False)
-        serial = time.perf_counter() - serial_start
-        parallel_start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", str(shapes), "-q", "-p", "no:cacheprovider", "-n", "2"],
-                       cwd=shapes.parent, capture_output=True, check=False)
-        parallel = time.perf_counter() - parallel_start
-        print(f"xdist_speedup={serial / parallel:.2f}")
+        print(f"xdist_speedup={xdist_speedup(shapes):.2f}")
 
         ratio, vgg_run = suite_ratio(vgg, args.vgg, "vgg16", {"weights": None, "seed": 0})
         print(f"vgg16_suite_s={vgg_run['seconds']:.2f}")
         print(f"vgg16_suite_ratio={ratio:.2f}")
+        print(f"xdist_speedup_vgg16={xdist_speedup(vgg):.2f}")
+        print(f"xdist_speedup_vgg16_one_thread={xdist_speedup(vgg, OMP_NUM_THREADS='1'):.2f}")
 
 
 if __name__ == "__main__":

@@ -230,8 +230,20 @@ def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahe
     grouped.stdout.fnmatch_lines(["*12 cases*12 images in 2 forward passes*"])
     default = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     assert default.parseoutcomes() == {"passed": 24}
-    # a worker cannot know which items it gets: at most one observation per item, never a batch of
-    # cases that another worker will run
-    line = next(line for line in default.outlines if "forward passes" in line)
-    images = int(line.split(" images in ")[0].rsplit(" ", 1)[1])
-    assert 12 <= images <= 24
+    # the checks of a case share a worker, so each image is observed once; a worker cannot know which
+    # cases it gets next, so it never batches a case that another worker will run
+    default.stdout.fnmatch_lines(["*12 cases*12 images in 12 forward passes*"])
+
+
+def test_xdist_case_scheduling_also_runs_plain_tests(pytester, scenes):
+    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:4]])
+    pytester.makepyfile(test_plain="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(8))
+        def test_plain(i):
+            assert i < 7
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    assert result.parseoutcomes() == {"passed": 15, "failed": 1}
+    result.stdout.fnmatch_lines(["*4 cases*4 images in 4 forward passes*"])

@@ -1,0 +1,73 @@
+"""Session resources: the garbage collector kept out of model loads, torch threads shared under xdist."""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from audit.session import _long_lived_allocations, share_cores_between_workers
+
+
+@pytest.fixture()
+def thawed():
+    gc.unfreeze()
+    enabled = gc.isenabled()
+    yield
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+
+
+def test_collection_is_paused_during_a_load_and_the_survivors_are_frozen(thawed):
+    gc.enable()
+    with _long_lived_allocations():
+        assert not gc.isenabled()
+        survivors = [[i] for i in range(5000)]
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(survivors)
+
+
+def test_a_load_that_fails_still_restores_the_collector(thawed):
+    gc.enable()
+    with pytest.raises(RuntimeError), _long_lived_allocations():
+        raise RuntimeError("bad checkpoint")
+    assert gc.isenabled()
+
+
+def test_a_disabled_collector_stays_disabled(thawed):
+    gc.disable()
+    with _long_lived_allocations():
+        pass
+    assert not gc.isenabled()
+
+
+# ---------------------------------------------------------------------------------------------
+# threads under pytest-xdist
+
+
+@pytest.fixture()
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def test_each_xdist_worker_gets_its_share_of_the_cores(torch_threads):
+    assert share_cores_between_workers({"PYTEST_XDIST_WORKER_COUNT": "2"}) == max(1, _cores() // 2)
+    assert torch_threads.get_num_threads() == max(1, _cores() // 2)
+    assert share_cores_between_workers({"PYTEST_XDIST_WORKER_COUNT": str(4 * _cores())}) == 1
+
+
+@pytest.mark.parametrize("environ", [{}, {"PYTEST_XDIST_WORKER_COUNT": "1"},
+                                     {"PYTEST_XDIST_WORKER_COUNT": "2", "OMP_NUM_THREADS": "3"},
+                                     {"PYTEST_XDIST_WORKER_COUNT": "2", "MKL_NUM_THREADS": "3"}])
+def test_serial_runs_and_a_users_thread_setting_are_left_alone(torch_threads, environ):
+    torch_threads.set_num_threads(1)
+    assert share_cores_between_workers(environ) is None
+    assert torch_threads.get_num_threads() == 1
