@@ -89,6 +89,10 @@ def pytest_configure(config: pytest.Config) -> None:
             collector.start()
         except AuditError as exc:
             raise pytest.UsageError(str(exc)) from None
+    elif report_dir:
+        from audit.report import warm_up
+
+        warm_up(page=False)   # this worker draws pictures; the controller writes the page
     config.stash[RESULTS_KEY] = collector
     if worker is None:
         config.pluginmanager.register(collector, "model-audit-results")  # its pytest_runtest_logreport

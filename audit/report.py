@@ -56,6 +56,7 @@ DISPLAY_MAX = 1024   # long side of full-size images in the report
 DISPLAY_MIN = 256    # small images (64x64 scenes) are upscaled to at least this long side
 GRID_MIN_TILE = 48   # feature maps smaller than this are upscaled (nearest) so the tiles are visible
 JPEG_QUALITY = 85
+LABEL_SCALES = (0.8, 0.6)   # channel labels on tiles of >= 64 px and on smaller ones
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def _label_tiles(tiles: np.ndarray, n: int, h: int, w: int) -> None:
     """Channel index in the top-left corner, white on a black box so it reads on any tile."""
     if min(h, w) < 16:
         return
-    scale = 0.8 if min(h, w) >= 64 else 0.6
+    scale = LABEL_SCALES[0] if min(h, w) >= 64 else LABEL_SCALES[1]
     for i in range(n):
         stamp = _label_stamp(i, scale)[:h, :w]   # a 3-digit label is cut at a 16 px tile's edge
         tiles[i, :stamp.shape[0], :stamp.shape[1]] = stamp
@@ -463,13 +464,18 @@ _COLORBARS: set[str] = set()   # colour bars this process has written (one per r
 
 
 def _shared_colorbar(asset_dir: Path, colormap: str, height: int) -> str:
+    """One colour bar per run, colormap and height, drawn on the picture thread (it holds the text)."""
     name = f"colorbar-{colormap.lower()}-{height}.png"
     path = os.path.join(asset_dir, name)
     if path not in _COLORBARS:
-        if not os.path.exists(path):
-            _save_now(colorbar(colormap, height), path)
         _COLORBARS.add(path)
+        _WRITER.submit(_write_colorbar, colormap, height, path)
     return _relative(asset_dir, name)
+
+
+def _write_colorbar(colormap: str, height: int, path: str) -> None:
+    if not os.path.exists(path):   # another xdist worker may have written it already
+        _save_now(colorbar(colormap, height), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,18 +547,24 @@ def _env() -> "jinja2.Environment":
     return _ENV
 
 
-def warm_up() -> None:
-    """Import jinja2 and compile the page template on the picture thread, at session start.
+def warm_up(page: bool = True) -> None:
+    """Do the report's one-time work on the picture thread at session start.
 
-    The session's own start (importing torch, loading the model) leaves the interpreter idle in long
-    stretches, so the ~50 ms of import and compilation cost the run next to nothing there; at the end
-    of the run they would add to it. ``write_report`` waits for it like for any picture.
+    That is: import jinja2 and compile the page (~50 ms), and draw the channel labels of feature grids
+    (OpenCV's first text call in a thread costs ~25 ms). The session's own start (importing torch,
+    loading the model) leaves the second core idle, so this costs the run next to nothing there, where
+    in the middle or at the end of the run it would add to it. ``flush_assets`` waits for it like for
+    any picture. Workers of pytest-xdist pass ``page=False``: only the controller writes the page.
     """
-    _WRITER.submit(_compile_page)
+    _WRITER.submit(_first_use, page)
 
 
-def _compile_page() -> None:
-    _env().get_template("report.html")
+def _first_use(page: bool) -> None:
+    for scale in LABEL_SCALES:
+        for index in range(512):
+            _label_stamp(index, scale)
+    if page:
+        _env().get_template("report.html")
 
 
 def _fmt_num(value: Any) -> str:
@@ -580,15 +592,27 @@ class _Assets:
         self.out_dir = out_dir
         self.self_contained = self_contained
         self.sizes = dict(sizes or {})  # asset path → [width, height], recorded when it was drawn
+        self._listings: dict[str, frozenset[str]] = {}
+
+    def exists(self, rel: str | None) -> bool:
+        """Whether the report folder holds this file: one directory listing per folder, not a stat each."""
+        if not rel:
+            return False
+        folder, _, name = rel.rpartition("/")
+        if folder not in self._listings:
+            try:
+                with os.scandir(self.out_dir / folder) as entries:
+                    self._listings[folder] = frozenset(e.name for e in entries if e.is_file())
+            except OSError:
+                self._listings[folder] = frozenset()
+        return name in self._listings[folder]
 
     def picture(self, rel: str | None, thumb_rel: str | None = None) -> dict | None:
         """``{"src", "href", "width", "height"}`` of a picture shown as a thumbnail linking to full size."""
-        if not rel:
+        if not self.exists(rel):
             return None
         full = self.out_dir / rel
-        if not full.is_file():
-            return None
-        shown_rel = thumb_rel if thumb_rel and (self.out_dir / thumb_rel).is_file() else rel
+        shown_rel = thumb_rel if self.exists(thumb_rel) else rel
         shown = self.out_dir / shown_rel
         width, height = self.sizes.get(shown_rel) or _image_size(shown)
         pixelated = max(width, height) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
