@@ -53,7 +53,8 @@ RED = (255, 40, 40)
 SEEN = (255, 200, 0)
 
 DISPLAY_MAX = 1024   # long side of full-size images in the report
-DISPLAY_MIN = 256    # small images (64x64 scenes) are upscaled to at least this long side
+DISPLAY_MIN = 256    # the page shows small images (64x64 scenes) at least this large, pixelated
+DRAW_MIN = 128       # ... and their outlines are drawn at >= this size (half the pixels to draw and encode)
 GRID_MIN_TILE = 48   # feature maps smaller than this are upscaled (nearest) so the tiles are visible
 JPEG_QUALITY = 85
 LABEL_SCALES = (0.8, 0.6)   # channel labels on tiles of >= 64 px and on smaller ones
@@ -233,7 +234,7 @@ def draw_regions(image: Image.Image, region_outlines: Iterable[Sequence[Sequence
     """
     img = np.array(image.convert("RGB"), dtype=np.uint8)
     h, w = img.shape[:2]
-    thick = max(2, round(max(w, h) / 300))
+    thick = 1 if max(w, h) <= DRAW_MIN else max(2, round(max(w, h) / 300))   # a small one is shown enlarged
     if seen_box is not None:
         x0, y0, x1, y1 = (float(v) * scale for v in seen_box)
         x0, y0 = max(0, math.floor(x0 + 0.5)), max(0, math.floor(y0 + 0.5))
@@ -285,13 +286,22 @@ def safe_stem(text: str, max_len: int = 40) -> str:
     return f"{clean}-{digest}" if clean else digest
 
 
-def _display_factor(size: tuple[int, int]) -> float:
+def _display_factor(size: tuple[int, int], minimum: int = DISPLAY_MIN) -> float:
     long_side = max(size)
     if long_side > DISPLAY_MAX:
         return DISPLAY_MAX / long_side
-    if long_side < DISPLAY_MIN:
-        return float(math.ceil(DISPLAY_MIN / long_side))
+    if long_side < minimum:
+        return float(math.ceil(minimum / long_side))
     return 1.0
+
+
+def _shown_size(size: Sequence[int]) -> tuple[int, int]:
+    """The size the page gives a picture: small ones are enlarged by a whole factor (CSS pixelated)."""
+    width, height = size
+    if max(width, height) < DISPLAY_MIN:
+        k = math.ceil(DISPLAY_MIN / max(width, height))
+        return width * k, height * k
+    return width, height
 
 
 def _for_display(image: Image.Image, factor: float) -> Image.Image:
@@ -401,15 +411,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                        baseline_heat: np.ndarray | None = None, thumb_size: int = 256) -> dict[str, Any]:
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
-    Full-size pictures are capped at 1024 px (tiny scenes are upscaled to >= 256 px so QA can see them);
-    thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG. The files are
+    Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
+    their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
+    (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG. The files are
     written on a background thread: ``flush_assets()`` (called by ``write_report``) waits for them.
     """
     asset_dir = Path(asset_dir)
     asset_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(stem)
     image = image.convert("RGB")
-    factor = _display_factor(image.size)
+    factor = _display_factor(image.size, DRAW_MIN)
     display = _for_display(image, factor)
     out: dict[str, Any] = {}
 
@@ -441,7 +452,7 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
         colour = colorize(_resize_heat(heat, base.size), colormap)   # one colour picture, two uses
         put("heatmap", Image.fromarray(colour, "RGB"))
         put("overlay", _blend(base, colour))
-        out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(display.height, thumb_size))
+        out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(_shown_size(display.size)[1], thumb_size))
     if baseline_heat is not None:
         put("baseline_heatmap", Image.fromarray(colorize(_resize_heat(baseline_heat, base.size), colormap), "RGB"))
     grids: dict[str, str] = {}
@@ -616,9 +627,7 @@ class _Assets:
         shown = self.out_dir / shown_rel
         width, height = self.sizes.get(shown_rel) or _image_size(shown)
         pixelated = max(width, height) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
-        if pixelated:
-            k = math.ceil(DISPLAY_MIN / max(width, height))
-            width, height = width * k, height * k
+        width, height = _shown_size((width, height))
         if self.self_contained:
             # browsers refuse to navigate to data: URLs, so the page embeds the full picture once and
             # shows it at thumbnail size; a click enlarges it in place (see report.js).

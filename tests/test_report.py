@@ -342,8 +342,10 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(64), np.ones((64, 64), np.float32), [], [], None, {}, {})
     R.flush_assets()  # pictures are written on a background thread
-    with Image.open(out / a["image"]) as im:   # drawn large, so the region outlines stay thin
-        assert im.size == (256, 256)
+    with Image.open(out / a["image"]) as im:   # outlines drawn at twice the size, so they stay thin
+        assert im.size == (128, 128)
+    shown = R._Assets(out, self_contained=False).picture(a["image"], a["image_thumb"])
+    assert (shown["width"], shown["height"], shown["pixelated"]) == (256, 256, True)
     for key in ["heatmap", "overlay"]:          # kept at the scene's size, scaled up by the page
         with Image.open(out / a[key]) as im:
             assert im.size == (64, 64)
