@@ -523,6 +523,19 @@ def new_run_dir(out_dir: Path) -> tuple[str, Path]:
             continue
 
 
+def _results_json(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> str:
+    """``results.json``: plain JSON, NaN and inf as null.
+
+    The cases were rebuilt from JSON records, so they usually are plain JSON already; the slower walk
+    through ``_jsonable`` only runs when they are not (numpy values, NaN from a metric, paths).
+    """
+    payload = {"schema_version": SCHEMA_VERSION, "run": dict(run), "cases": [dict(c) for c in cases]}
+    try:
+        return json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(payload), ensure_ascii=False)
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON: numpy scalars and arrays, paths and tuples converted; NaN/inf become null."""
     if isinstance(value, dict):
@@ -718,10 +731,7 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
     cases = list(cases)
     temps: list[str] = []
     try:
-        payload = {"schema_version": SCHEMA_VERSION, "run": _jsonable(dict(run)),
-                   "cases": _jsonable([dict(c) for c in cases])}
-        json_tmp = _write_temp(out_dir, ".results-", [json.dumps(payload, ensure_ascii=False)],
-                               temps)
+        json_tmp = _write_temp(out_dir, ".results-", [_results_json(run, cases)], temps)
         assets = _Assets(out_dir, self_contained,
                          {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
         template = _env().get_template("report.html")

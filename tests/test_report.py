@@ -491,6 +491,14 @@ def test_write_report_escapes_everything_from_specs_and_labels(report_dir):
     assert XSS in card.all_text()
 
 
+@pytest.mark.parametrize("value, expected", [(float("nan"), None), (float("inf"), None), (np.float64("nan"), None),
+                                             (np.float32(0.5), 0.5), (Path("x"), "x"), (0.25, 0.25)])
+def test_results_json_is_plain_json_with_null_for_nan_and_inf(value, expected):
+    text = R._results_json({"args": []}, [{"case_id": "a", "checks": [{"metrics": [{"value": value}]}]}])
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["cases"][0]["checks"][0]["metrics"][0]["value"] == expected
+
+
 def test_write_report_writes_results_json(report_dir):
     out, run_id, asset_dir = report_dir
     cases = three_cases(asset_dir)
