@@ -585,7 +585,7 @@ def warm_up(page: bool = True) -> None:
 
 def _first_use(page: bool) -> None:
     for scale in LABEL_SCALES:
-        for index in range(512):
+        for index in range(128):   # the classic grids show 64 and 72 maps; more are drawn when needed
             _label_stamp(index, scale)
     if page:
         _env().get_template("report.html")
