@@ -222,6 +222,25 @@ def test_report_is_written_with_results_json(pytester, scenes):
         assert (pytester.path / "reports" / path).is_file()
 
 
+def test_report_under_xdist_is_written_by_the_controller_from_what_the_workers_drew(pytester, scenes):
+    write_spec(pytester, "rep.yaml", [case(n, m, features=["features.1"]) for n, m in scenes[:6]])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--audit-report", "reports")
+    assert result.parseoutcomes() == {"passed": 12}
+    result.stdout.fnmatch_lines(["*model-audit report: reports*index.html*"])
+    out = pytester.path / "reports"
+    data = json.loads((out / "results.json").read_text())
+    assert data["run"]["counts"] == {"passed": 12, "failed": 0, "skipped": 0, "error": 0}
+    assert len(data["cases"]) == 6
+    for entry in data["cases"]:
+        assets = entry["assets"]
+        for path in (assets["image"], assets["heatmap"], assets["overlay"], assets["colorbar"],
+                     assets["grids"]["features.1"]):
+            assert (out / path).is_file(), path
+    html = (out / "index.html").read_text()
+    assert html.count('<article class="card passed"') == 6
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".tmp-*"))
+
+
 def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahead(pytester, scenes):
     write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
     write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
