@@ -8,6 +8,7 @@ runs, and the controller never needs the model, the images or torch.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import platform
 import time
@@ -141,7 +142,7 @@ class ResultCollector:
         props = dict(report.user_properties)
         if CASE_PROP not in props:
             return
-        case = json.loads(props[CASE_PROP])
+        case = _case_from_json(props[CASE_PROP])
         stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
         if case.get("assets") and not stored.get("assets"):
             stored.update({k: v for k, v in case.items() if k != "checks"})
@@ -218,6 +219,15 @@ class ResultCollector:
             lines.append(f"model-audit: the report could not be written ({self.report_error}); "
                          f"the previous report was left in place")
         return lines
+
+
+@functools.lru_cache(maxsize=64)
+def _case_from_json(text: str) -> dict:
+    """A case record, parsed once: the setup, call and teardown reports of each check all carry it.
+
+    Callers copy before they change anything (``{**case, ...}``); the cache's dicts stay as parsed.
+    """
+    return json.loads(text)
 
 
 def _default_channels(layer: str, explanation: Any) -> int:
