@@ -666,6 +666,16 @@ def _image_size(path: Path) -> tuple[int, int]:
 OUTCOME_ORDER = ("failed", "error", "passed", "skipped")
 
 
+def _as_written(image: str | None, spec: str | None) -> str | None:
+    """The image path as the spec's author wrote it: relative to the spec's folder when inside it."""
+    if not image or not spec:
+        return image
+    try:
+        return Path(image).resolve().relative_to(Path(spec).resolve().parent).as_posix()
+    except (ValueError, OSError):
+        return image
+
+
 def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
     """Everything one card shows, resolved to pictures and plain values (the template only lays out)."""
     a = case.get("assets") or {}
@@ -678,6 +688,7 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
     nodeid = str(case.get("nodeid") or "")
     return {
         "case": case,
+        "image_path": _as_written(case.get("image"), case.get("spec")),
         "anchor": "case-" + safe_stem(nodeid or str(case.get("case_id"))),
         "outcome": case.get("outcome") or "error",
         "image": assets.picture(a.get("image"), a.get("image_thumb")),

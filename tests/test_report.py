@@ -413,6 +413,19 @@ def test_write_report_has_one_card_per_case_in_spec_order(report_dir):
     assert "specs/shapes/basic.yaml:12" in found[0].all_text()
 
 
+def test_cards_show_the_image_path_as_the_spec_wrote_it(report_dir, tmp_path):
+    out, run_id, _ = report_dir
+    spec = tmp_path / "specs" / "a.yaml"
+    outside = tmp_path / "elsewhere" / "b.png"
+    cases = [{**make_case(None, "inside", "passed"), "spec": str(spec), "image": str(spec.parent / "images" / "a.png")},
+             {**make_case(None, "outside", "passed"), "spec": str(spec), "image": str(outside)}]
+    R.write_report(out, run_dict(), cases, run_id)
+    cards = [n for n in parse(out / "index.html").iter("article")]
+    codes = [next(c for c in card.iter("code") if c.attrs.get("title")) for card in cards]
+    assert [c.all_text() for c in codes] == ["images/a.png", str(outside)]
+    assert codes[0].attrs["title"] == str(spec.parent / "images" / "a.png")   # the full path on hover
+
+
 def test_write_report_images_exist_and_thumbnails_link_to_full_size(report_dir):
     out, run_id, asset_dir = report_dir
     root = parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id))
