@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
-from audit.files import atomic_write
+from audit.files import atomic_write_bytes
 
 PROG = "model-audit"
 NONE_WEIGHTS = ("none", "null", "random")
@@ -143,10 +143,6 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
-
-
 def _save_png(picture: Any, path: Path) -> None:
     import io
 
@@ -155,7 +151,7 @@ def _save_png(picture: Any, path: Path) -> None:
         picture = Image.fromarray(picture)
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
-    _atomic_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _grid_channels(channels: int) -> int:
@@ -613,7 +609,7 @@ def _write_compare(out_dir: Path, rows: list[dict], choices: dict, engines: dict
             buffer = io.BytesIO()
             picture.convert("RGB").save(buffer, "JPEG", quality=85)
             name = f"{stem}-{key}.jpg"
-            _atomic_bytes(asset_dir / name, buffer.getvalue())
+            atomic_write_bytes(asset_dir / name, buffer.getvalue())
             assets[key] = f"assets/{run_id}/{name}"
         row["assets"] = assets
         row["size"] = list(image.size)
@@ -629,8 +625,8 @@ def _write_compare(out_dir: Path, rows: list[dict], choices: dict, engines: dict
     html = env.get_template("compare.html").render(a=models["A"], b=models["B"], cases=public,
                                                    flips=sum(r["flip"] for r in public), created=payload["created"],
                                                    run_id=run_id)
-    _atomic_bytes(out_dir / "compare.json", (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
-    _atomic_bytes(out_dir / "index.html", html.encode("utf-8"))
+    atomic_write_bytes(out_dir / "compare.json", (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out_dir / "index.html", html.encode("utf-8"))
     for child in (out_dir / "assets").iterdir():
         if child.is_dir() and report.RUN_ID_PATTERN.match(child.name) and child.name != run_id:
             shutil.rmtree(child, ignore_errors=True)

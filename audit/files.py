@@ -49,8 +49,8 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     interpreter lock only between the calls below. The temp name is unique per process and thread;
     ``os.open`` applies the umask like ``open()`` does.
     """
-    head, name = os.path.split(os.fspath(path))
-    path = os.path.join(head, name)
+    path = os.fspath(path)
+    head, name = os.path.split(path)
     tmp = os.path.join(head, f".tmp-{os.getpid()}-{threading.get_ident()}-{name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
     try:

@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -351,8 +352,6 @@ class _AssetWriter:
 def _lower_priority() -> None:
     """Make the picture thread yield to the model: on Linux a thread's nice value is its own."""
     with contextlib.suppress(AttributeError, OSError):
-        import threading
-
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
@@ -413,8 +412,9 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
 
     Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
     their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
-    (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``. Photos and heatmaps are JPEG, feature grids PNG. The files are
-    written on a background thread: ``flush_assets()`` (called by ``write_report``) waits for them.
+    (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``.
+    Photos and heatmaps are JPEG, feature grids PNG. The files are encoded and written on a background
+    thread: ``flush_assets()`` (called by ``write_report``) waits for them.
     """
     asset_dir = Path(asset_dir)
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -445,8 +445,7 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
             sizes[out[f"{key}_thumb"]] = list(small.size)
 
     put("image", draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
-    # Heatmaps and overlays of tiny scenes stay at their own size: the page scales them up (pixelated),
-    # which costs the run 16x fewer pixels to blend and encode than drawing them at 256 px.
+    # Heatmaps and overlays of tiny scenes stay at their own size: the page scales them up (pixelated).
     base = image if factor >= 1.0 else display
     if heat is not None:
         colour = colorize(_resize_heat(heat, base.size), colormap)   # one colour picture, two uses
