@@ -109,8 +109,10 @@ class _XdistHooks:
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["audit_run_id"] = self.collector.run_id
-        grouped = node.config.getoption("dist", "load") in ("loadfile", "loadscope")
-        node.workerinput["audit_lookahead"] = "file" if grouped else "none"
+        # only loadfile hands a worker whole spec files; loadscope's scope of "spec.yaml::case::check"
+        # is the case, so looking ahead there would observe cases that other workers run
+        by_file = node.config.getoption("dist", "load") == "loadfile"
+        node.workerinput["audit_lookahead"] = "file" if by_file else "none"
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:

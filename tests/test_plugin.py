@@ -254,6 +254,14 @@ def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahe
     default.stdout.fnmatch_lines(["*12 cases*12 images in 12 forward passes*"])
 
 
+def test_xdist_loadscope_runs_each_image_once(pytester, scenes):
+    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
+    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope")
+    assert result.parseoutcomes() == {"passed": 24}
+    result.stdout.fnmatch_lines(["*12 cases*12 images in 12 forward passes*"])
+
+
 def test_xdist_case_scheduling_also_runs_plain_tests(pytester, scenes):
     write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:4]])
     pytester.makepyfile(test_plain="""
