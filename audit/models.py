@@ -530,6 +530,10 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise ModelError(f"{what}: file not found") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelError(f"{what}: corrupt or not a PyTorch file ({_first_line(exc)})") from None
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        # torch's legacy (pre-zip) reader trips over arbitrary bytes in its own ways: a text file
+        # gives KeyError: 101
+        raise ModelError(f"{what}: corrupt or not a PyTorch file ({type(exc).__name__}: {exc})") from None
     state = _unwrap(data)
     if state is None:
         keys = ", ".join(map(str, list(data)[:6])) if isinstance(data, dict) else type(data).__name__

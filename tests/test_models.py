@@ -233,7 +233,10 @@ def test_checkpoint_with_python_objects_is_refused_for_safety(tmp_path):
 
 
 @pytest.mark.parametrize("content, reason", [(None, "file not found"), (b"", "file is empty"),
-                                             (b"garbage bytes", "corrupt or not a PyTorch file")])
+                                             (b"garbage bytes", "corrupt or not a PyTorch file"),
+                                             (b"hello\n", "corrupt or not a PyTorch file"),
+                                             (b"\x89PNG\r\n\x1a\n" + bytes(range(64)),
+                                              "corrupt or not a PyTorch file")])
 def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path, content, reason):
     path = tmp_path / "ckpt.pt"
     if content is not None:
