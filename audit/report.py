@@ -16,6 +16,7 @@ import contextlib
 import datetime as _dt
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import unicodedata
 from pathlib import Path
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import cv2
@@ -563,11 +565,37 @@ def _env() -> "jinja2.Environment":
 
         env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"),
                                  autoescape=jinja2.select_autoescape(["html", "xml"]),
-                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                 bytecode_cache=_template_cache())
         env.filters["num"] = _fmt_num
         env.filters["pct"] = lambda v: "" if v is None else f"{100.0 * float(v):.1f}%"
         _ENV = env
     return _ENV
+
+
+def _template_cache() -> "jinja2.BytecodeCache | None":
+    """jinja2's cache of compiled templates, so the page is compiled once per machine (~25 ms), not per run.
+
+    It is jinja2's ``FileSystemBytecodeCache`` in its default folder: private to the user (0700; jinja2
+    refuses a folder that someone else owns or that is a link) and keyed by a hash of the template's
+    source, so an edited or upgraded template is compiled afresh. A cache that cannot be read or
+    written is skipped: the page is then compiled as if there were none.
+    """
+    import jinja2
+
+    class TemplateCache(jinja2.FileSystemBytecodeCache):
+        def load_bytecode(self, bucket: "jinja2.bccache.Bucket") -> None:
+            with contextlib.suppress(OSError):
+                super().load_bytecode(bucket)
+
+        def dump_bytecode(self, bucket: "jinja2.bccache.Bucket") -> None:
+            with contextlib.suppress(OSError):
+                super().dump_bytecode(bucket)
+
+    try:
+        return TemplateCache()
+    except (OSError, RuntimeError):   # no usable temp folder, or one that is not ours
+        return None
 
 
 def warm_up(page: bool = True) -> None:
@@ -634,23 +662,18 @@ class _Assets:
         """``{"src", "href", "width", "height"}`` of a picture shown as a thumbnail linking to full size."""
         if not self.exists(rel):
             return None
-        full = self.out_dir / rel
-        shown_rel = thumb_rel if self.exists(thumb_rel) else rel
-        shown = self.out_dir / shown_rel
-        width, height = self.sizes.get(shown_rel) or _image_size(shown)
-        pixelated = max(width, height) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
-        width, height = _shown_size((width, height))
+        shown_rel = thumb_rel if thumb_rel and self.exists(thumb_rel) else rel
+        size = self.sizes.get(shown_rel) or _image_size(self.out_dir / shown_rel)
+        pixelated = max(size) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
+        width, height = _shown_size(size)
         if self.self_contained:
             # browsers refuse to navigate to data: URLs, so the page embeds the full picture once and
             # shows it at thumbnail size; a click enlarges it in place (see report.js).
-            return {"src": self._data_uri(full), "href": None, "width": width, "height": height,
+            return {"src": self._data_uri(self.out_dir / rel), "href": None, "width": width, "height": height,
                     "pixelated": pixelated}
-        return {"src": self._url(thumb_rel if shown != full else rel), "href": self._url(rel),
+        href = quote(rel)
+        return {"src": href if shown_rel == rel else quote(shown_rel), "href": href,
                 "width": width, "height": height, "pixelated": pixelated}
-
-    def _url(self, rel: str) -> str:
-        from urllib.parse import quote
-        return quote(rel)
 
     def _data_uri(self, path: Path) -> str:
         mime = self.MIME.get(path.suffix.lower(), "application/octet-stream")
@@ -669,15 +692,56 @@ def _as_written(image: str | None, spec: str | None) -> str | None:
     """The image path as the spec's author wrote it: relative to the spec's folder when inside it."""
     if not image or not spec:
         return image
+    folder = _spec_folder(spec)
+    if image.startswith(folder):   # the usual case, without a system call per path component
+        return image[len(folder):].replace(os.sep, "/")
     try:
         return Path(image).resolve().relative_to(Path(spec).resolve().parent).as_posix()
     except (ValueError, OSError):
         return image
 
 
+@functools.lru_cache(maxsize=256)
+def _spec_folder(spec: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(spec)), "")
+
+
+# Every key the page reads, per kind of record. ``_filled`` gives each missing one the value None, so the
+# template can subscript (``c["error"]``) where ``c.get("error")`` would cost a jinja2 call per use.
+_CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k",
+                            "target", "checks", "regions", "crops", "assets", "baseline", "error", "features"))
+_NESTED_KEYS = {
+    "checks": dict.fromkeys(("kind", "outcome", "message", "metrics", "duration_s")),
+    "top_k": dict.fromkeys(("index", "label", "prob", "expected")),
+}
+_METRIC_KEYS = dict.fromkeys(("name", "value", "threshold", "op", "passed"))
+_TARGET_KEYS = dict.fromkeys(("index", "label"))
+_REGIONS_KEYS = dict.fromkeys(("region", "avoid"))
+_BASELINE_KEYS = dict.fromkeys(("heatmap_correlation", "hot_iou", "top1_then", "top1_now", "prob_drift",
+                                "topk_overlap", "recorded_with"))
+
+
+def _filled(record: Mapping[str, Any] | None, keys: dict[str, None]) -> dict[str, Any] | None:
+    return {**keys, **record} if record else None
+
+
+def _page_record(case: Mapping[str, Any]) -> dict[str, Any]:
+    """The case with every key the page reads present (records from other versions may lack some)."""
+    c = {**_CASE_KEYS, **case}
+    for key, keys in _NESTED_KEYS.items():
+        c[key] = [{**keys, **entry} for entry in c[key] or ()]
+    for check in c["checks"]:
+        check["metrics"] = [{**_METRIC_KEYS, **m} for m in check["metrics"] or ()]
+    c["target"] = _filled(c["target"], _TARGET_KEYS)
+    c["regions"] = _filled(c["regions"], _REGIONS_KEYS)
+    c["baseline"] = _filled(c["baseline"], _BASELINE_KEYS)
+    return c
+
+
 def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
     """Everything one card shows, resolved to pictures and plain values (the template only lays out)."""
-    a = case.get("assets") or {}
+    case = _page_record(case)
+    a = case["assets"] or {}
     features = []
     for f in case.get("features") or []:
         shape = list(f.get("shape") or [])
@@ -720,8 +784,9 @@ def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[s
     temps.append(tmp)
     os.chmod(tmp, file_mode())
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-        for chunk in chunks:
-            fh.write(chunk)
+        chunks = iter(chunks)
+        while batch := list(itertools.islice(chunks, 1024)):   # the page comes in ~200 chunks per card
+            fh.write("".join(batch))
         fh.flush()
         os.fsync(fh.fileno())
     return tmp
