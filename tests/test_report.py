@@ -200,6 +200,22 @@ def test_feature_grid_tiles_equal_a_float64_reference(offset, span):
     assert np.abs(tiles.astype(int) - expected).max() <= 1   # float32 rounding may move a pixel by one
 
 
+@pytest.mark.parametrize("channels", [12, 10])   # rows filled exactly, and a last row with two empty cells
+def test_feature_grid_puts_channel_i_in_row_i_div_cols_and_column_i_mod_cols(channels):
+    maps = np.zeros((channels, 6, 5), np.float32)
+    for i in range(channels):
+        maps[i, i // 5, i % 5] = 1.0                 # each channel has its one bright pixel somewhere else
+    grid = R.feature_grid(maps, columns=4, label=False, separator=100)
+    assert grid.shape == (3 * 7 - 1, 4 * 6 - 1)
+    for i in range(channels):
+        row, col = divmod(i, 4)
+        tile = grid[row * 7:row * 7 + 6, col * 6:col * 6 + 5]
+        assert tile[i // 5, i % 5] == 255 and np.count_nonzero(tile) == 1, i
+    for empty in range(channels, 12):
+        row, col = divmod(empty, 4)
+        assert (grid[row * 7:row * 7 + 6, col * 6:col * 6 + 5] == 100).all()
+
+
 def test_feature_grid_constant_and_nan_channels_are_black():
     maps = np.stack([np.full((10, 10), 7.0, np.float32), np.full((10, 10), np.nan, np.float32)])
     grid = R.feature_grid(maps, columns=2, label=False)
@@ -261,6 +277,13 @@ def test_overlay_is_the_classic_heatmap_times_04_plus_image():
     got = np.asarray(R.overlay(Image.fromarray(img, "RGB"), heat))
     np.testing.assert_array_equal(got, expected)
     assert got[0, 1, 0] == 255   # saturated, not wrapped around
+
+
+def test_blend_rounds_and_saturates_like_the_float_formula_for_every_pair_of_values():
+    colour, image = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    colour, image = np.repeat(colour[..., None], 3, axis=2), np.repeat(image[..., None], 3, axis=2)
+    expected = np.clip(np.rint(colour.astype(np.float32) * 0.4 + image), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(R._blend(image, colour), expected)
 
 
 def test_colorbar_has_both_ends_of_the_colormap_and_tick_labels():
@@ -355,6 +378,25 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
     assert "baseline_heatmap" not in a
 
 
+@pytest.mark.parametrize("side", [64, 300, 1500])   # enlarged, kept, shrunk for the screen
+def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
+    out, _, asset_dir = report_dir
+    grey = Image.new("RGB", (side, side), (128, 128, 128))
+    box = box_outline(side // 4, side // 4, side // 2, side // 2)
+    a = R.render_case_assets(asset_dir, f"grey{side}", grey, np.zeros((7, 7), np.float32), [box], [box],
+                             None, {}, {}, baseline_heat=np.zeros((7, 7), np.float32))
+    R.flush_assets()
+
+    def spread(key: str) -> int:   # the largest difference between two pixels, over the three channels
+        with Image.open(out / a[key]) as im:
+            px = np.asarray(im.convert("RGB")).astype(int)
+        return int((px.max(axis=(0, 1)) - px.min(axis=(0, 1))).max())
+
+    assert spread("image") > 100                 # green and red outlines on grey
+    for key in ["heatmap", "overlay", "baseline_heatmap"]:
+        assert spread(key) <= 2, key             # one flat colour (JPEG may round by a level)
+
+
 def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(), None, None, None, None, None, None)
@@ -362,8 +404,66 @@ def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
     assert set(a) == {"image", "image_thumb", "grids", "sizes"}
 
 
+def test_a_picture_opencv_cannot_write_fails_with_the_reason_and_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(R.cv2, "imwrite", lambda *a, **k: False)   # OpenCV says no more than this
+    R._write_picture(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "ok.jpg"))
+    with Image.open(tmp_path / "ok.jpg") as im:                     # written by Python instead
+        assert im.format == "JPEG" and im.size == (4, 4)
+    missing = tmp_path / "gone" / "x.png"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone"))):
+        R._write_picture(np.zeros((4, 4), np.uint8), str(missing))
+
+
+def test_write_picture_stores_rgb_in_the_right_channel_order(tmp_path):
+    pixels = np.zeros((2, 3, 3), np.uint8)
+    pixels[..., 0] = 200                                            # pure red
+    R._write_picture(pixels, str(tmp_path / "red.png"))
+    with Image.open(tmp_path / "red.png") as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pixels)
+
+
 # ---------------------------------------------------------------------------------------------
 # report folder
+
+
+def test_the_page_is_compiled_once_and_then_read_from_jinja2s_cache(tmp_path, monkeypatch):
+    import jinja2
+
+    cache = R._template_cache()
+    cache.directory = str(tmp_path)                  # a fresh cache, not the user's
+    compiled = []
+    real_compile = jinja2.Environment.compile
+
+    def counting_compile(self, *args, **kwargs):
+        compiled.append(args[1] if len(args) > 1 else kwargs.get("name"))
+        return real_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counting_compile)
+    for _ in range(2):
+        monkeypatch.setattr(R, "_ENV", None)
+        monkeypatch.setattr(R, "_template_cache", lambda: cache)
+        R._env().get_template("report.html")
+    assert compiled.count("report.html") == 1        # the second environment loaded it from the cache
+    assert list(tmp_path.iterdir())
+
+
+def test_a_cache_that_cannot_be_written_or_read_is_skipped(tmp_path, monkeypatch):
+    import jinja2.bccache
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    cache = R._template_cache()
+    cache.directory = str(tmp_path)
+    monkeypatch.setattr(jinja2.bccache.tempfile, "NamedTemporaryFile", no_space)
+    monkeypatch.setattr(R, "_template_cache", lambda: cache)
+    monkeypatch.setattr(R, "_ENV", None)
+    assert R._env().get_template("report.html").render   # compiled, and the failed write was skipped
+    (tmp_path / "entry").write_bytes(b"x")
+    monkeypatch.setattr(cache, "_get_cache_filename", lambda bucket: str(tmp_path / "entry"))
+    monkeypatch.setattr(jinja2.bccache.Bucket, "load_bytecode", no_space)
+    monkeypatch.setattr(R, "_ENV", None)
+    assert R._env().get_template("report.html").render   # a cache entry that cannot be read is skipped
 
 
 def test_check_writable_creates_the_folder(tmp_path):
