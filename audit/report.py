@@ -721,7 +721,9 @@ class _Assets:
         if not self.exists(rel):
             return None
         shown_rel = thumb_rel if thumb_rel and self.exists(thumb_rel) else rel
-        size = self.sizes.get(shown_rel) or _image_size(self.out_dir / shown_rel)
+        size = self.sizes.get(shown_rel)
+        if size is None:   # a picture drawn without its size (the shared colour bar): read its header once
+            size = self.sizes[shown_rel] = _image_size(self.out_dir / shown_rel)
         pixelated = max(size) < DISPLAY_MIN  # tiny scene pictures: the browser scales them up
         width, height = _shown_size(size)
         if self.self_contained:
