@@ -23,13 +23,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
-from audit.files import atomic_write_bytes
+from audit.files import atomic_write, atomic_write_bytes
 
 PROG = "model-audit"
 NONE_WEIGHTS = ("none", "null", "random")
@@ -436,15 +435,8 @@ def _install(source: Path, target: Path, prefix: str | None, title: str, args: a
     module.load_state_dict(state, strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     replaced = target.is_file()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with open(source, "rb") as src:
+        atomic_write(target, lambda fh: shutil.copyfileobj(src, fh), durable=True)
     check = "hash not checked (--no-check)" if args.no_check else f"sha256 {digest[:12]}… matches"
     _say(f"{'replaced' if replaced else 'installed'} {target}: {check}, {len(state)} tensors fit {args.name}")
     _say(f"weights {title} now load offline")

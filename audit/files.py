@@ -1,23 +1,35 @@
 """Atomic file writes: a reader (a browser, a second xdist worker, the next run) never sees half a file.
 
-Every file model-audit writes for later reading (baselines, report pictures, compare pages) goes through
-``atomic_write``: a temp file in the same folder, then ``os.replace``.
+Every file model-audit writes for later reading (baselines, weights, the shared colour bar, compare pages)
+goes through ``atomic_write``: a temp file in the same folder, then ``os.replace``. The report's own
+pictures are the exception: they go into a new run folder that nothing points at until ``index.html``,
+itself written this way, is replaced.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def file_mode() -> int:
-    """The mode an ordinary ``open()`` would give (mkstemp's 0600 would hide files from a web server)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+def create_temp(folder: Path | str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
+    """A new file in ``folder`` for writing, with the mode ``open()`` would give it: ``(fd, path)``.
+
+    ``tempfile.mkstemp`` makes files 0600, and finding the umask to chmod them means setting it for a
+    moment, which races with any thread that creates a file meanwhile (the report's picture thread).
+    ``O_CREAT | O_EXCL`` with mode 0666 lets the kernel apply the umask; the name is random.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOINHERIT", 0)
+    for _ in range(100):
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool = False) -> None:
@@ -27,9 +39,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool 
     that pictures do not need.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = create_temp(path.parent, suffix=path.suffix)
     try:
-        os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             if durable:

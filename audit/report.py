@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from audit.errors import AuditError, UnknownNameError, closest
-from audit.files import atomic_write_bytes, file_mode
+from audit.files import atomic_write_bytes, create_temp
 
 if TYPE_CHECKING:
     import jinja2
@@ -842,9 +842,8 @@ def _run_view(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dic
 
 
 def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[str]) -> str:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=prefix, suffix=".tmp")
+    fd, tmp = create_temp(out_dir, prefix=prefix, suffix=".tmp")
     temps.append(tmp)
-    os.chmod(tmp, file_mode())
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
         chunks = iter(chunks)
         while batch := list(itertools.islice(chunks, 1024)):   # the page comes in ~200 chunks per card

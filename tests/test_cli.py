@@ -110,10 +110,10 @@ def test_unknown_layer_suggests_close_names(scenes):
 
 
 def test_default_model_offline_says_which_file_to_provide(tmp_path):
-    last = assert_user_error(cli("explain", str(HOPPER), env={"TORCH_HOME": str(tmp_path)}),
-                             "weights vgg16 IMAGENET1K_V1 are not available offline",
-                             str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"),
-                             "model-audit weights vgg16 --weights DEFAULT --from FILE")
+    assert_user_error(cli("explain", str(HOPPER), env={"TORCH_HOME": str(tmp_path)}),
+                      "weights vgg16 IMAGENET1K_V1 are not available offline",
+                      str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"),
+                      "model-audit weights vgg16 --weights DEFAULT --from FILE")
 
 
 # ---------------------------------------------------------------------------------------- explain

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from audit.files import atomic_write, atomic_write_bytes, file_mode
+from audit.files import atomic_write, atomic_write_bytes, create_temp
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def test_atomic_writes_replace_the_file_and_leave_no_temp(tmp_path, umask_027, w
     target.write_bytes(b"old")
     write(target, b"new" * 100_000)
     assert target.read_bytes() == b"new" * 100_000
-    assert stat.S_IMODE(target.stat().st_mode) == 0o640 == file_mode()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]
 
 
@@ -48,3 +48,13 @@ def test_atomic_write_bytes_into_a_missing_folder_says_which(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write_bytes(tmp_path / "missing" / "x.png", b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_create_temp_lets_the_umask_decide_the_mode_and_never_reuses_a_name(tmp_path, umask_027):
+    made = [create_temp(tmp_path, prefix=".t-", suffix=".png") for _ in range(50)]
+    for fd, _ in made:
+        os.close(fd)
+    paths = {path for _, path in made}
+    assert len(paths) == 50
+    assert all(os.path.basename(p).startswith(".t-") and p.endswith(".png") for p in paths)
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in paths} == {0o640}

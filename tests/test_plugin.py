@@ -191,7 +191,7 @@ def test_junitxml_names_each_check(pytester, scenes):
 
 
 def test_xdist_gives_the_same_outcomes_as_serial(pytester, scenes):
-    (n0, m0), (n1, m1) = scenes[0], scenes[1]
+    (_, m0), (n1, m1) = scenes[0], scenes[1]
     wrong = {**m1, "label": m0["label"] if m0["label"] != m1["label"] else scenes[2][1]["label"]}
     write_spec(pytester, "x.yaml", [case(n, m) for n, m in scenes[2:8]] + [case(n1, wrong)])
     serial = pytester.runpytest_subprocess("-p", "no:cacheprovider")
