@@ -380,6 +380,10 @@ def _parse(text: str, path: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         detail = "; ".join(p for p in (exc.context, exc.problem) if p)
+        if exc.context_mark is not None and mark is not None and mark.index >= len(text.rstrip()):
+            # the file ended inside a bracket or quote: the line that opened it is the one to fix
+            mark = exc.context_mark
+            detail += f" (the file ends before it is closed; opened on line {mark.line + 1})"
         raise SpecError(f"YAML syntax error: {detail}", path, mark.line + 1 if mark else None) from None
     except yaml.reader.ReaderError as exc:
         line = text[:exc.position].count("\n") + 1

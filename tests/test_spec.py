@@ -307,6 +307,13 @@ def test_syntax_error_reports_the_line_of_the_problem(tmp_path):
     assert str(err).startswith(f"{tmp_path / 'spec.yaml'}:{err.line}: ")
 
 
+@pytest.mark.parametrize("opened", ["expect: {top1: circle", "image: [img.png", 'id: "a'])
+def test_a_bracket_or_quote_left_open_at_the_end_is_reported_where_it_was_opened(tmp_path, opened):
+    err = spec_error(write(tmp_path, MODEL + f"cases:\n  - image: img.png\n    {opened}\n\n"))
+    assert err.line == 5
+    assert "(the file ends before it is closed; opened on line 5)" in err.message
+
+
 def test_tab_indentation_is_a_syntax_error_with_its_line(tmp_path):
     err = spec_error(write(tmp_path, MODEL + "cases:\n\t- id: a\n"))
     assert err.line == 4
