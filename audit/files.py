@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -54,16 +53,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool 
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """``atomic_write`` for bytes already in memory, in a handful of system calls.
+    """``atomic_write`` for bytes already in memory, in a handful of system calls and no file object.
 
-    The report's picture thread calls this for every picture while the tests run: each call holds the
-    interpreter lock only between the calls below. The temp name is unique per process and thread;
-    ``os.open`` applies the umask like ``open()`` does.
+    For small files written often: the shared colour bar, the command line's pictures, and a report
+    picture that OpenCV could not write itself.
     """
     path = os.fspath(path)
-    head, name = os.path.split(path)
-    tmp = os.path.join(head, f".tmp-{os.getpid()}-{threading.get_ident()}-{name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    fd, tmp = create_temp(os.path.dirname(path) or ".", suffix=os.path.splitext(path)[1])
     try:
         view = memoryview(data)
         while view:

@@ -369,8 +369,9 @@ class _AssetWriter:
     """Encodes and writes pictures on a background thread while the test session goes on.
 
     OpenCV encodes and writes a picture in one call without the GIL, so on a machine whose other core
-    idles while pytest runs its items, the report costs the run far less. ``flush()`` waits for every pending file and re-raises the first
-    failure; the page is only written after it, and xdist workers flush before they finish.
+    idles while pytest runs its items, the report costs the run far less. ``flush()`` waits for every
+    pending file and re-raises the first failure; the page is only written after it, and xdist workers
+    flush before they finish.
     """
 
     def __init__(self) -> None:
@@ -661,8 +662,9 @@ def _template_cache() -> "jinja2.BytecodeCache | None":
 def warm_up(page: bool = True) -> None:
     """Do the report's one-time work on the picture thread at session start.
 
-    That is: import jinja2 and compile the page (~50 ms), and draw the channel labels of feature grids
-    (OpenCV's first text call in a thread costs ~25 ms). The session's own start (importing torch,
+    That is: import jinja2 and compile the page (~50 ms; ~15 ms once jinja2's cache holds the compiled
+    page), and draw the channel labels of feature grids (OpenCV's first text call in a thread costs
+    ~25 ms). The session's own start (importing torch,
     loading the model) leaves the second core idle, so this costs the run next to nothing there, where
     in the middle or at the end of the run it would add to it. ``flush_assets`` waits for it like for
     any picture. Workers of pytest-xdist pass ``page=False``: only the controller writes the page.

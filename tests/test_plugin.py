@@ -43,6 +43,11 @@ def write_spec(pytester: pytest.Pytester, name: str, cases: list[dict], model: d
     return path
 
 
+def two_specs_of_six_cases(pytester, scenes) -> None:
+    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
+    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+
+
 def test_each_case_becomes_a_prediction_and_a_focus_item(pytester, scenes):
     write_spec(pytester, "basic.yaml", [case(n, m) for n, m in scenes[:2]])
     result = pytester.runpytest("--collect-only", "-q")
@@ -54,8 +59,7 @@ def test_each_case_becomes_a_prediction_and_a_focus_item(pytester, scenes):
 
 
 def test_shipped_scenes_pass_with_one_model_load_and_one_forward_per_batch(pytester, scenes):
-    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
-    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+    two_specs_of_six_cases(pytester, scenes)
     result = pytester.runpytest("--audit-batch-size", "16")
     result.assert_outcomes(passed=24)
     result.stdout.fnmatch_lines(["*12 cases*1 model loads, 12 images in 1 forward passes*"])
@@ -242,8 +246,7 @@ def test_report_under_xdist_is_written_by_the_controller_from_what_the_workers_d
 
 
 def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahead(pytester, scenes):
-    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
-    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+    two_specs_of_six_cases(pytester, scenes)
     grouped = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile")
     assert grouped.parseoutcomes() == {"passed": 24}
     grouped.stdout.fnmatch_lines(["*12 cases*12 images in 2 forward passes*"])
@@ -255,8 +258,7 @@ def test_xdist_loadfile_batches_each_spec_and_default_scheduling_never_looks_ahe
 
 
 def test_xdist_loadscope_runs_each_image_once(pytester, scenes):
-    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:6]])
-    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[6:12]])
+    two_specs_of_six_cases(pytester, scenes)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope")
     assert result.parseoutcomes() == {"passed": 24}
     result.stdout.fnmatch_lines(["*12 cases*12 images in 12 forward passes*"])
