@@ -14,6 +14,7 @@ The state_dict fingerprint recorded here is what baselines compare to notice new
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib
@@ -539,20 +540,36 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(str, list(data)[:6])) if isinstance(data, dict) else type(data).__name__
         raise ModelError(f"{what} holds no state_dict of tensors (found: {keys}); save "
                          "model.state_dict() or a dict with a 'state_dict' entry")
+    metadata = getattr(state, "_metadata", None)
     keys = list(state)
     if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = _with_metadata({k[len("module."):]: v for k, v in state.items()}, metadata, "module")
     return state
 
 
 def _unwrap(data: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor dict inside ``data``, as saved: ``model.state_dict()`` is an OrderedDict whose
+    ``_metadata`` attribute holds each module's state-dict version, which some modules need to read
+    it (MNASNet refuses a state_dict without one), so the dict itself is returned, never a copy."""
     if _is_tensor_dict(data):
-        return dict(data)
+        return data
     if isinstance(data, dict):
         for key in _WRAPPER_KEYS:
             if _is_tensor_dict(data.get(key)):
-                return dict(data[key])
+                return data[key]
     return None
+
+
+def _with_metadata(state: dict[str, torch.Tensor], metadata: Any, strip: str) -> dict[str, torch.Tensor]:
+    """``state`` (keys already without the ``strip.`` prefix) with the saved per-module versions, their
+    module names stripped the same way, so a DataParallel checkpoint keeps them too."""
+    if not isinstance(metadata, dict):
+        return state
+    kept: Any = collections.OrderedDict(state)
+    kept._metadata = collections.OrderedDict(
+        (name[len(strip) + 1:] if name.startswith(strip + ".") else ("" if name == strip else name), value)
+        for name, value in metadata.items())
+    return kept
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -588,11 +605,21 @@ def _refused(path: Path, exc: BaseException, what: str | None = None) -> str:
 
 
 def _classes_in(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
-    """The checkpoint's number of classes, read from the tensor that holds the arch's last layer."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. inception's notice about its future default init
-        skeleton = torchvision.models.get_model(arch, weights=None)
-    last = _last_weight_key(skeleton.state_dict())
+    """The checkpoint's number of classes, read from the tensor that holds the arch's last layer.
+
+    The layer's name comes from a skeleton built on the ``meta`` device (no memory, no init). Some
+    builders compute on tensors while they build (RegNet's block widths call ``.tolist()``), which a
+    meta tensor cannot do; for those the checkpoint's own last weight matrix is taken: a state_dict
+    lists its modules in definition order, and torchvision classifiers define their head last. A
+    wrong guess cannot pass silently: the strict load then names the shape mismatch.
+    """
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. inception's notice about its future default init
+            skeleton = torchvision.models.get_model(arch, weights=None)
+        last = _last_weight_key(skeleton.state_dict())
+    except (NotImplementedError, RuntimeError):
+        last = _last_weight_key(state)
     tensor = state.get(last) if last is not None else None
     return int(tensor.shape[0]) if tensor is not None and tensor.dim() >= 2 else None
 
@@ -621,9 +648,15 @@ def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, 
     problems = [p for p in problems if p]
     if problems:
         raise ModelError(f"{what} does not fit {arch}: " + ", ".join(problems))
+    if not isinstance(getattr(state, "_metadata", None), dict):
+        # saved as a plain dict (a copy or a comprehension drops the versions): the keys and shapes
+        # fit, so read it as written by this model's own code (MNASNet refuses a missing version)
+        state = collections.OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", collections.OrderedDict())  # type: ignore[attr-defined]
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # a module's own _load_from_state_dict may refuse the values (MNASNet: a version it does not know)
         raise ModelError(f"{what} does not fit {arch}: {_first_line(exc)}") from None
 
 
