@@ -357,7 +357,8 @@ class AuditSession:
                 region=prepared.focus_region, region_desc=regions.describe(list(focus.region or [])),
                 min_energy=focus.min_energy, pointing_game=focus.pointing_game,
                 tolerance_px=focus.tolerance_px, min_iou=focus.min_iou, iou_threshold=focus.iou_threshold,
-                min_rank_accuracy=focus.min_rank_accuracy, avoid=prepared.avoid_region,
+                min_rank_accuracy=focus.min_rank_accuracy, min_auc=focus.min_auc,
+                avoid=prepared.avoid_region,
                 avoid_desc=regions.describe(list(focus.avoid)) if focus.avoid else "",
                 max_energy_in_avoid=focus.max_energy_in_avoid,
                 target_desc=f"{self._name_of(prepared)(target)!r} (#{target})")

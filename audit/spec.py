@@ -53,7 +53,7 @@ DEFAULT_PREPROCESS = "squash"
 DEFAULT_MIN_ENERGY = 0.5
 DEFAULT_MAX_ENERGY_IN_AVOID = 0.2
 DEFAULT_IOU_THRESHOLD = 0.5
-FOCUS_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy")
+FOCUS_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy", "min_auc")
 
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_YAML + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
@@ -126,6 +126,7 @@ class Focus:
     min_iou: float | None = None
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     min_rank_accuracy: float | None = None
+    min_auc: float | None = None
     avoid: tuple[dict, ...] | None = None
     max_energy_in_avoid: float | None = None
 
@@ -811,7 +812,7 @@ class _CaseBuilder:
             values["min_energy"] = DEFAULT_MIN_ENERGY
         if avoid is not None and values.get("max_energy_in_avoid") is None:
             values["max_energy_in_avoid"] = DEFAULT_MAX_ENERGY_IN_AVOID
-        floats = ("min_energy", "min_iou", "min_rank_accuracy", "max_energy_in_avoid")
+        floats = ("min_energy", "min_iou", "min_rank_accuracy", "min_auc", "max_energy_in_avoid")
         return Focus(target=values.get("target"), region=region, avoid=avoid,
                      pointing_game=bool(values.get("pointing_game", False)),
                      tolerance_px=float(values.get("tolerance_px", 0.0)),
