@@ -35,6 +35,7 @@ import torch
 import torchvision
 from torch import nn
 
+from audit import torchscript
 from audit.errors import ModelError, UnknownNameError, WeightsUnavailable, closest
 from audit.images import Preprocessing
 
@@ -503,10 +504,20 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _from_torchscript(arch: str, path: Path, target: torch.device) -> _Built:
+    """A TorchScript archive, mirrored by :mod:`audit.torchscript` so its layers take forward hooks."""
     try:
-        module = torch.jit.load(str(path), map_location=target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's notice that it prefers torch.export
+            script = torch.jit.load(str(path), map_location=target)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelError(f"checkpoint {path}: cannot load this TorchScript archive: {_first_line(exc)}") from None
+    blocked = torchscript.blocker(script)
+    if blocked is not None:
+        raise ModelError(f"checkpoint {path} (TorchScript): no layer inside it can be explained: its forward "
+                         f"uses {blocked}, which model-audit cannot step through to hook a layer; save it "
+                         "with torch.jit.trace(model, example) instead, or save model.state_dict() and name "
+                         "the architecture")
+    module = torchscript.hookable(script)
     zoo = _zoo()
     if arch in zoo:
         entry = zoo[arch]

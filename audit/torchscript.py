@@ -1,0 +1,191 @@
+"""TorchScript models with forward hooks: a Python mirror that steps through the compiled graphs.
+
+A loaded TorchScript archive (``torch.jit.load``, scripted or traced) refuses
+``register_forward_hook`` on itself and on every submodule, and the engine explains a layer through a
+forward hook (the CAM layer's output becomes a graph leaf, feature maps are copied). :func:`hookable`
+wraps the archive in :class:`ScriptedModel`, an ordinary ``nn.Module`` tree with the archive's
+module names. Calling a node runs the compiled code as it is, unless a hook sits on it or below it;
+then its graph is stepped through in Python, one graph node at a time (constants, attribute reads,
+list/tuple packing and ``aten`` operators, each run by its own compiled operator), and every child
+module is called through its mirror node, so hooks fire exactly where the compiled code calls that
+module. Nothing is re-implemented: each layer still runs its compiled forward.
+
+A graph with control flow (``prim::If``, ``prim::Loop``) or calls to free functions cannot be stepped
+through this way; its module is mirrored as one opaque node (hooks on it work, its insides are not
+offered as layers), so the engine's layer list only names layers whose hooks really fire.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["ScriptedModel", "hookable", "is_torchscript"]
+
+_SIMPLE = {"prim::Constant", "prim::GetAttr", "prim::CallMethod", "prim::ListConstruct",
+           "prim::TupleConstruct", "prim::ListUnpack", "prim::TupleUnpack", "prim::TupleIndex",
+           "prim::NumToTensor"}
+
+
+def is_torchscript(module: Any) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def hookable(script: torch.jit.ScriptModule) -> "ScriptedModel":
+    """The archive's mirror: the same module names, forward hooks allowed where the graphs allow."""
+    return ScriptedModel(script)
+
+
+class ScriptedModel(nn.Module):
+    """One node of the mirror; the root owns nothing itself and hands parameters and state to the archive.
+
+    ``script`` is kept outside ``nn.Module``'s registries, so ``named_modules()`` lists the mirror
+    only; ``state_dict``, ``named_parameters``, ``named_buffers``, ``train`` and device moves are those
+    of the archive (the fingerprint of the mirror is the fingerprint of the archive).
+    """
+
+    def __init__(self, script: torch.jit.ScriptModule):
+        super().__init__()
+        object.__setattr__(self, "script", script)
+        self.steppable = _steppable(script, "forward")
+        if self.steppable:
+            for name, child in script.named_children():
+                self.add_module(name, ScriptedModel(child))
+
+    # -- running
+    def forward(self, *args: Any) -> Any:
+        if self.steppable and self._hooks_below():
+            return _step(self, "forward", args)
+        return self.script(*args)
+
+    def _hooks_below(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+
+    # -- the archive's state
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.script.named_parameters(prefix=prefix, recurse=recurse)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.script.named_buffers(prefix=prefix, recurse=recurse)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.script.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.script.load_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ScriptedModel":
+        self.script.train(mode)
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ScriptedModel":
+        self.script._apply(fn)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"TorchScript {self.script.original_name}" + ("" if self.steppable else " (opaque)")
+
+
+def _method_graph(script: torch.jit.ScriptModule, method: str) -> Any:
+    return getattr(script, method).graph
+
+
+def _steppable(script: torch.jit.ScriptModule, method: str) -> bool:
+    return blocker(script, method) is None
+
+
+def blocker(script: torch.jit.ScriptModule, method: str = "forward",
+            seen: frozenset[str] = frozenset()) -> str | None:
+    """Why the graph of ``method`` cannot be stepped through (the first node kind :func:`_step` does
+    not run, e.g. ``prim::If``), or None: straight-line code of attribute reads, module calls and
+    operators, including the methods it calls on the same module."""
+    try:
+        graph = _method_graph(script, method)
+    except (AttributeError, RuntimeError):
+        return f"no graph for {method}"
+    self_value = next(iter(graph.inputs()))
+    for node in graph.nodes():
+        kind = node.kind()
+        if kind.startswith("aten::"):
+            if node.schema() == "(no schema)":
+                return kind
+            continue
+        if kind not in _SIMPLE:
+            return kind
+        if kind == "prim::CallMethod":
+            owner = next(iter(node.inputs()))
+            name = node.s("name")
+            if owner.unique() == self_value.unique() and name not in seen | {method}:
+                inner = blocker(script, name, seen | {method})
+                if inner is not None:
+                    return inner
+    return None
+
+
+def _step(node_module: ScriptedModel, method: str, args: tuple[Any, ...]) -> Any:
+    """Run ``method``'s graph of ``node_module``'s archive node by node, module calls through the mirror."""
+    graph = _method_graph(node_module.script, method)
+    inputs = list(graph.inputs())
+    env: dict[int, Any] = {inputs[0].unique(): node_module}
+    for value, arg in zip(inputs[1:], args):
+        env[value.unique()] = arg
+    for node in graph.nodes():
+        kind = node.kind()
+        ins = [env[v.unique()] for v in node.inputs()]
+        outs = list(node.outputs())
+        if kind == "prim::Constant":
+            result: Any = node.output().toIValue() if node.hasAttributes() or outs[0].type().kind() != "NoneType" \
+                else None
+        elif kind == "prim::GetAttr":
+            owner, name = ins[0], node.s("name")
+            if isinstance(owner, ScriptedModel):
+                result = owner._modules[name] if name in owner._modules else getattr(owner.script, name)
+            else:
+                result = getattr(owner, name)
+        elif kind == "prim::CallMethod":
+            owner, name = ins[0], node.s("name")
+            if isinstance(owner, ScriptedModel):
+                result = owner(*ins[1:]) if name == "forward" else _step(owner, name, tuple(ins[1:]))
+            else:
+                result = getattr(owner, name)(*ins[1:])
+        elif kind == "prim::ListConstruct":
+            result = list(ins)
+        elif kind == "prim::TupleConstruct":
+            result = tuple(ins)
+        elif kind in ("prim::ListUnpack", "prim::TupleUnpack"):
+            for value, item in zip(outs, ins[0]):
+                env[value.unique()] = item
+            continue
+        elif kind == "prim::TupleIndex":
+            result = ins[0][ins[1]]
+        elif kind == "prim::NumToTensor":
+            result = torch.scalar_tensor(ins[0])
+        else:  # aten::
+            result = _aten(node, ins)
+        if len(outs) == 1:
+            env[outs[0].unique()] = result
+        else:
+            for value, item in zip(outs, result):
+                env[value.unique()] = item
+    returned = [env[v.unique()] for v in graph.outputs()]
+    return returned[0] if len(returned) == 1 else tuple(returned)
+
+
+def _aten(node: Any, ins: list[Any]) -> Any:
+    """An ``aten`` node run by its own operator overload, keyword-only arguments passed by name."""
+    schema = torch._C.parse_schema(node.schema())
+    name = schema.name.split("::", 1)[1]
+    packet = getattr(torch.ops.aten, name)
+    op = getattr(packet, schema.overload_name or "default")
+    positional, keywords = [], {}
+    for argument, value in zip(schema.arguments, ins):
+        if argument.kwarg_only:
+            keywords[argument.name] = value
+        else:
+            positional.append(value)
+    return op(*positional, **keywords)
