@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -39,10 +40,12 @@ from audit import torchscript
 from audit.errors import ModelError, UnknownNameError, WeightsUnavailable, closest
 from audit.images import Preprocessing
 
-__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV"]
+__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV", "TIMM_PREFIX"]
 
 #: Set to 1 to never try a download: missing weights fail at once instead of after a network timeout.
 OFFLINE_ENV = "MODEL_AUDIT_OFFLINE"
+#: ``arch: timm/<name>`` builds ``timm.create_model(name)`` (the optional ``timm`` extra).
+TIMM_PREFIX = "timm/"
 _DOWNLOAD_TIMEOUT_S = 10.0
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _AUX_PREFIX = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}
@@ -233,7 +236,9 @@ def load(arch: str, weights: str | None = None, checkpoint: str | Path | None = 
     if checkpoint is not None and weights is not None:
         raise ModelError(f"give either weights ({weights}) or a checkpoint ({checkpoint}), not both: "
                          "a checkpoint replaces every weight")
-    if checkpoint is not None:
+    if arch.startswith(TIMM_PREFIX):
+        built = _from_timm(arch, weights, None if checkpoint is None else Path(checkpoint), seed, num_classes)
+    elif checkpoint is not None:
         built = _from_checkpoint(arch, Path(checkpoint), num_classes, target)
     elif arch in _zoo():
         built = _from_zoo(arch, weights)
@@ -403,6 +408,177 @@ def _torchvision_with_weights(arch: str, enum: Any) -> nn.Module:
             raise WeightsUnavailable(f"{unavailable} (download failed: {_first_line(exc)})") from None
         raise ModelError(f"cached weights {cached} cannot be used for {arch} {enum.name}: "
                          f"{_first_line(exc)}; delete the file or replace it") from None
+
+
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+# --- timm
+def _timm() -> Any:
+    try:
+        return importlib.import_module("timm")
+    except ModuleNotFoundError as exc:
+        if exc.name != "timm":
+            raise
+        raise ModelError("arch timm/<name> needs the timm package: pip install 'model-audit[timm]'") from None
+
+
+def _timm_config(arch: str, weights: str | None) -> tuple[str, Any]:
+    """(the timm model name with its pretrained tag, the pretrained config): ``timm/resnet18`` with
+    weights ``a1_in1k`` or ``timm/resnet18.a1_in1k`` name the same weights; no tag is timm's default."""
+    timm = _timm()
+    name = arch[len(TIMM_PREFIX):].strip()
+    base, tag = timm.models.split_model_name_tag(name)
+    if weights is not None and str(weights).upper() != "DEFAULT":
+        if tag and tag != weights:
+            raise ModelError(f"arch {arch} already names the weights {tag!r}; leave weights out or "
+                             f"write arch: timm/{base} with weights: {weights}")
+        tag = str(weights)
+    if not base:
+        raise UnknownNameError("model", arch, [], hint="write arch: timm/<name>, e.g. timm/resnet18")
+    if not timm.is_model(base):
+        known = timm.list_models()
+        raise UnknownNameError("model", arch, [TIMM_PREFIX + n for n in closest(base, known, 3)])
+    full = f"{base}.{tag}" if tag else base
+    try:
+        config = timm.models.get_pretrained_cfg(full)
+    except RuntimeError:  # "Invalid pretrained tag"
+        config = None
+    if tag and (config is None or getattr(config, "tag", tag) != tag):
+        tags = [n.split(".", 1)[1] for n in timm.models.get_arch_pretrained_cfgs(base) if "." in n]
+        raise UnknownNameError("weights", tag, closest(tag, tags, 3),
+                               hint=f"timm {base} has weights {', '.join(tags) or 'none'}")
+    return full, config
+
+
+def _timm_preprocessing(full: str, config: Any) -> dict[str, Preprocessing]:
+    """Both preprocessings from the model's own pretrained config: timm's eval transform is resize
+    the shorter side to ``floor(size / crop_pct)`` and centre-crop ``size``, as 'weights' does."""
+    if config is None:
+        return _preprocessing_of(None)
+    _, height, width = config.input_size
+    if height != width:
+        raise ModelError(f"timm {full} takes {width}x{height} inputs; model-audit feeds square inputs only")
+    crop_mode = getattr(config, "crop_mode", "center") or "center"
+    if crop_mode != "center":
+        raise ModelError(f"timm {full} evaluates with crop_mode {crop_mode!r}; model-audit reproduces "
+                         "only timm's 'center' crop")
+    interpolation = config.interpolation or "bilinear"
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ModelError(f"timm {full} resizes with {interpolation!r} interpolation; model-audit supports "
+                         "bilinear, bicubic and nearest")
+    crop_pct = float(config.crop_pct or 0.875)
+    resize = max(int(height), int(math.floor(height / crop_pct)))
+    mean, std = tuple(config.mean), tuple(config.std)
+    return {"squash": Preprocessing("squash", int(height), mean=mean, std=std, interpolation=interpolation),
+            "weights": Preprocessing("weights", int(height), resize=resize, mean=mean, std=std,
+                                     interpolation=interpolation)}
+
+
+def _timm_classifier_key(config: Any) -> str | None:
+    classifier = getattr(config, "classifier", None) if config is not None else None
+    if isinstance(classifier, (list, tuple)):
+        classifier = classifier[0] if classifier else None
+    return f"{classifier}.weight" if classifier else None
+
+
+def _from_timm(arch: str, weights: str | None, checkpoint: Path | None, seed: int | None,
+               num_classes: int | None) -> _Built:
+    """``timm.create_model(name, pretrained=False, num_classes=N)``: random init, a checkpoint, or
+    timm's pretrained weights when they are already in its cache (a download only when online)."""
+    if checkpoint is not None and weights is not None:
+        raise ModelError(f"give either weights ({weights}) or a checkpoint ({checkpoint}), not both")
+    timm = _timm()
+    full, config = _timm_config(arch, weights)
+    preprocessing = _timm_preprocessing(full, config)
+    base = full.split(".", 1)[0]
+    if checkpoint is not None:
+        _check_file(checkpoint)
+        what = f"checkpoint {checkpoint}"
+        state = _read_state_dict(checkpoint, what)
+        key = _timm_classifier_key(config)
+        head = state.get(key) if key else None
+        classes = num_classes or (int(head.shape[0]) if head is not None and head.dim() >= 2 else None) or 1000
+        with torch.random.fork_rng(devices=[]):
+            module = _timm_create(timm, base, arch, pretrained=False, num_classes=classes)
+        _load_into(module, state, what, arch)
+        return _Built(module, None, classes, None, preprocessing, f"checkpoint {checkpoint} (state_dict) into {arch}")
+    if weights is None:
+        with _seeded(seed):
+            module = _timm_create(timm, base, arch, pretrained=False, num_classes=num_classes or 1000)
+        how = f"seed {seed}" if seed is not None else "unseeded"
+        return _Built(module, None, num_classes or 1000, None, preprocessing, f"timm {base} random init ({how})")
+    if config is None:
+        raise WeightsUnavailable(f"timm {base} has no pretrained weights; pass checkpoint: <path> or leave "
+                                 "weights out for random init")
+    full = f"{base}.{config.tag}" if getattr(config, "tag", None) else full
+    classes = num_classes or int(getattr(config, "num_classes", 0) or 1000)
+    cached = _timm_cached_file(config)
+    overlay: dict[str, Any] = {}
+    if cached is not None:
+        overlay = {"pretrained_cfg_overlay": {"file": str(cached)}}
+    elif _offline():
+        raise WeightsUnavailable(f"timm weights {full} are not available offline: they are not in the Hugging "
+                                 f"Face cache ({_hf_cache_dir()}) nor in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
+                                 "download them once where the network is reachable (timm.create_model("
+                                 f"'{full}', pretrained=True)) or pass checkpoint: <path>")
+    try:
+        with _download_timeout(None if cached else _DOWNLOAD_TIMEOUT_S):
+            module = _timm_create(timm, full, arch, pretrained=True, num_classes=classes, **overlay)
+    except ModelError:
+        raise
+    except Exception as exc:  # timm and huggingface_hub raise their own types for a failed download
+        if cached is None:
+            raise WeightsUnavailable(f"timm weights {full} could not be downloaded ({_first_line(exc)}); pass "
+                                     "checkpoint: <path> or set MODEL_AUDIT_OFFLINE=1 to fail at once") from None
+        raise ModelError(f"cached timm weights {cached} cannot be used for {full}: {_first_line(exc)}") from None
+    return _Built(module, getattr(config, "tag", None) or "DEFAULT", classes, None, preprocessing,
+                  f"timm {full} pretrained ({cached or 'downloaded'})")
+
+
+def _timm_create(timm: Any, name: str, arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"timm cannot build {arch} ({', '.join(f'{k}={v}' for k, v in kwargs.items())}): "
+                         f"{_first_line(exc)}") from None
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return "~/.cache/huggingface/hub"
+
+
+def _timm_cached_file(config: Any) -> Path | None:
+    """The pretrained file already on this machine: the Hugging Face cache entry timm would download,
+    or a file named like its URL under torch's hub checkpoints; None when neither is there."""
+    if config is None:
+        return None
+    hub_id = getattr(config, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = hub_id.partition("@")
+            for filename in (getattr(config, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin",
+                             "open_clip_pytorch_model.bin"):
+                if not filename:
+                    continue
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    url = getattr(config, "url", None)
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @contextlib.contextmanager
