@@ -693,7 +693,7 @@ def _from_torchscript(arch: str, path: Path, target: torch.device) -> _Built:
                          f"uses {blocked}, which model-audit cannot step through to hook a layer; save it "
                          "with torch.jit.trace(model, example) instead, or save model.state_dict() and name "
                          "the architecture")
-    module = torchscript.hookable(script)
+    module = torchscript.hookable(script, f"checkpoint {path} (TorchScript)")
     zoo = _zoo()
     if arch in zoo:
         entry = zoo[arch]
@@ -857,4 +857,5 @@ def _listed(count: int, noun: str, items: Sequence[str], plural: str | None = No
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    # torch's zip reader appends a paragraph of advice to "failed finding central directory"
+    return text.splitlines()[0].split(" This is an internal miniz error.", 1)[0]

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from audit.errors import ModelError
+
 __all__ = ["ScriptedModel", "hookable", "is_torchscript"]
 
 _SIMPLE = {"prim::Constant", "prim::GetAttr", "prim::CallMethod", "prim::ListConstruct",
@@ -32,9 +34,15 @@ def is_torchscript(module: Any) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
 
 
-def hookable(script: torch.jit.ScriptModule) -> "ScriptedModel":
-    """The archive's mirror: the same module names, forward hooks allowed where the graphs allow."""
-    return ScriptedModel(script)
+def hookable(script: torch.jit.ScriptModule, name: str = "TorchScript model") -> "ScriptedModel":
+    """The archive's mirror: the same module names, forward hooks allowed where the graphs allow.
+
+    ``name`` (e.g. "checkpoint m.pt (TorchScript)") starts the message when the archive cannot run on
+    the batch it is given or does not return one tensor of class scores.
+    """
+    root = ScriptedModel(script)
+    object.__setattr__(root, "root_name", name)
+    return root
 
 
 class ScriptedModel(nn.Module):
@@ -55,6 +63,20 @@ class ScriptedModel(nn.Module):
 
     # -- running
     def forward(self, *args: Any) -> Any:
+        root = getattr(self, "root_name", None)
+        if root is None:
+            return self._run(args)
+        try:
+            out = self._run(args)
+        except RuntimeError as exc:  # torch.jit.Error included: the archive's code refused the input
+            shapes = ", ".join(f"({', '.join(map(str, a.shape))})" for a in args if isinstance(a, torch.Tensor))
+            raise ModelError(f"{root} cannot run on an input batch of shape {shapes}: {_last_line(exc)}") from None
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"{root} returns {_describe(out)}, not one tensor of class scores (N, classes); "
+                             "save a wrapper whose forward returns the logits only")
+        return out
+
+    def _run(self, args: tuple[Any, ...]) -> Any:
         if self.steppable and self._hooks_below():
             return _step(self, "forward", args)
         return self.script(*args)
@@ -189,3 +211,23 @@ def _aten(node: Any, ins: list[Any]) -> Any:
         else:
             positional.append(value)
     return op(*positional, **keywords)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The archive's own error without the TorchScript interpreter's traceback around it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    return last.split("Error: ", 1)[1] if last.startswith(("RuntimeError: ", "ValueError: ")) else last
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor ({', '.join(map(str, value.shape))})"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in value[:4])
+        return f"a {type(value).__name__} of {len(value)} ({inner}{', ...' if len(value) > 4 else ''})"
+    if isinstance(value, dict):
+        return f"a dict with keys {', '.join(map(str, list(value)[:4]))}"
+    return type(value).__name__

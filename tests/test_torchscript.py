@@ -159,3 +159,66 @@ def test_cli_names_an_archive_it_cannot_explain_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"model-audit: error: checkpoint {path} (TorchScript): no layer inside it can be explained")
+
+
+def _archive(tmp_path: Path, module: torch.nn.Module, example: torch.Tensor, name: str) -> Path:
+    path = tmp_path / name
+    torch.jit.trace(module, example).save(str(path))
+    return path
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.mean(dim=(2, 3))), y
+
+
+class _OneChannel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_archive_returning_a_tuple_is_one_line_naming_what_it_returns(tmp_path):
+    path = _archive(tmp_path, _TwoOutputs(), torch.zeros(1, 3, 32, 32), "tuple.pt")
+    with pytest.raises(ModelError) as info:
+        Engine(load("net", checkpoint=path)).explain([HOPPER], cam_layer="conv")
+    assert str(info.value) == (f"checkpoint {path} (TorchScript) returns a tuple of 2 (Tensor (1, 3), Tensor "
+                               "(1, 4, 222, 222)), not one tensor of class scores (N, classes); save a wrapper "
+                               "whose forward returns the logits only")
+
+
+def test_archive_that_refuses_the_input_is_one_line_with_its_own_reason(tmp_path):
+    path = _archive(tmp_path, _OneChannel(), torch.zeros(1, 1, 32, 32), "gray.pt")
+    with pytest.raises(ModelError) as info:
+        Engine(load("net", checkpoint=path)).explain([HOPPER], cam_layer="conv")
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} (TorchScript) cannot run on an input batch of shape "
+                              "(1, 3, 224, 224): ")
+    assert "expected input[1, 3, 224, 224] to have 1 channels, but got 3 channels" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("module, example, fragment", [
+    (_TwoOutputs(), torch.zeros(1, 3, 32, 32), "returns a tuple of 2"),
+    (_OneChannel(), torch.zeros(1, 1, 32, 32), "cannot run on an input batch of shape"),
+])
+def test_plugin_reports_a_broken_archive_as_one_line_errors(pytester, tmp_path, module, example, fragment):
+    path = _archive(pytester.path, module, example, "bad.pt")
+    (pytester.path / "hopper.jpg").write_bytes(HOPPER.read_bytes())
+    spec = {"model": {"arch": "net", "checkpoint": str(path), "cam_layer": "conv"},
+            "cases": [{"id": "a", "image": "hopper.jpg", "expect": {"top1": 0}}]}
+    (pytester.path / "bad.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert fragment in out and "Traceback" not in out and "torchscript.py" not in out
