@@ -237,7 +237,8 @@ def load(arch: str, weights: str | None = None, checkpoint: str | Path | None = 
         raise ModelError(f"give either weights ({weights}) or a checkpoint ({checkpoint}), not both: "
                          "a checkpoint replaces every weight")
     if arch.startswith(TIMM_PREFIX):
-        built = _from_timm(arch, weights, None if checkpoint is None else Path(checkpoint), seed, num_classes)
+        built = _from_timm(arch, weights, None if checkpoint is None else Path(checkpoint), seed, num_classes,
+                           target)
     elif checkpoint is not None:
         built = _from_checkpoint(arch, Path(checkpoint), num_classes, target)
     elif arch in _zoo():
@@ -484,7 +485,7 @@ def _timm_classifier_key(config: Any) -> str | None:
 
 
 def _from_timm(arch: str, weights: str | None, checkpoint: Path | None, seed: int | None,
-               num_classes: int | None) -> _Built:
+               num_classes: int | None, target: torch.device) -> _Built:
     """``timm.create_model(name, pretrained=False, num_classes=N)``: random init, a checkpoint, or
     timm's pretrained weights when they are already in its cache (a download only when online)."""
     if checkpoint is not None and weights is not None:
@@ -495,6 +496,10 @@ def _from_timm(arch: str, weights: str | None, checkpoint: Path | None, seed: in
     base = full.split(".", 1)[0]
     if checkpoint is not None:
         _check_file(checkpoint)
+        if _is_torchscript(checkpoint):  # a scripted / traced timm model: timm's preprocessing applies
+            built = _from_torchscript(arch, checkpoint, target)
+            built.preprocessing = preprocessing
+            return built
         what = f"checkpoint {checkpoint}"
         state = _read_state_dict(checkpoint, what)
         key = _timm_classifier_key(config)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -126,3 +127,20 @@ def test_spec_with_a_timm_arch_and_checkpoint_runs_end_to_end_offline(pytester, 
     assert "Traceback" not in result.stdout.str()
     [case] = json.loads((pytester.path / "report" / "results.json").read_text())["cases"]
     assert sorted(r["index"] for r in case["top_k"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_traced_timm_model_keeps_timms_preprocessing_and_explains_like_its_state_dict(tmp_path):
+    from audit.engine import Engine
+
+    source = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    torch.save(source.state_dict(), tmp_path / "r18.pt")
+    torch.jit.trace(source, torch.zeros(1, 3, 224, 224)).save(str(tmp_path / "r18_traced.pt"))
+    traced = load("timm/resnet18", checkpoint=tmp_path / "r18_traced.pt")
+    eager = load("timm/resnet18", checkpoint=tmp_path / "r18.pt")
+    assert traced.preprocessing == eager.preprocessing and traced.preprocessing["weights"].resize == 235
+    got = Engine(traced).explain([HOPPER], preprocess="weights")[0]
+    want = Engine(eager).explain([HOPPER], preprocess="weights")[0]
+    assert got.cam_layer == want.cam_layer == "layer4"
+    assert [r.index for r in got.top_k] == [r.index for r in want.top_k]
+    np.testing.assert_allclose(got.cams_lowres[got.target], want.cams_lowres[want.target], atol=1e-6)
