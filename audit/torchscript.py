@@ -40,7 +40,7 @@ def hookable(script: torch.jit.ScriptModule, name: str = "TorchScript model") ->
     ``name`` (e.g. "checkpoint m.pt (TorchScript)") starts the message when the archive cannot run on
     the batch it is given or does not return one tensor of class scores.
     """
-    root = ScriptedModel(script)
+    root = _mirror(script)
     object.__setattr__(root, "root_name", name)
     return root
 
@@ -54,12 +54,23 @@ class ScriptedModel(nn.Module):
     """
 
     def __init__(self, script: torch.jit.ScriptModule):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): a mirror of nn.ReLU also derives from nn.ReLU
         object.__setattr__(self, "script", script)
         self.steppable = _steppable(script, "forward")
         if self.steppable:
             for name, child in script.named_children():
-                self.add_module(name, ScriptedModel(child))
+                self.add_module(name, _mirror(child))
+
+    def __getattr__(self, name: str) -> Any:
+        """Registered children first (nn.Module's rule), then the archive's own attributes: a mirror of
+        nn.Conv2d answers ``weight`` or ``out_channels`` as far as the archive kept them."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            script = self.__dict__.get("script")
+            if script is None or name in script._modules:  # the archive's submodules: only through mirrors
+                raise
+            return getattr(script, name)
 
     # -- running
     def forward(self, *args: Any) -> Any:
@@ -113,6 +124,35 @@ class ScriptedModel(nn.Module):
         return f"TorchScript {self.script.original_name}" + ("" if self.steppable else " (opaque)")
 
 
+_MIRROR_TYPES: dict[type, type] = {}
+
+
+def _mirror(script: torch.jit.ScriptModule) -> ScriptedModel:
+    """A mirror node; for a torch.nn layer (``ReLU``, ``MaxPool2d``, ``Sequential``, ...) it is also an
+    instance of that class, so code that asks ``isinstance(m, nn.ReLU)`` (the engine's choice of the
+    default CAM layer) sees the archive's layers as it sees the eager model's. Only the class is
+    shared: every call runs the archive's compiled code."""
+    base = _torch_nn_class(script)
+    if base is None:
+        return ScriptedModel(script)
+    cls = _MIRROR_TYPES.get(base)
+    if cls is None:
+        cls = type(f"Scripted{base.__name__}", (ScriptedModel, base), {"__module__": __name__})
+        _MIRROR_TYPES[base] = cls
+    return cls(script)
+
+
+def _torch_nn_class(script: torch.jit.ScriptModule) -> type | None:
+    try:
+        qualified = script._c._type().qualified_name()
+    except (AttributeError, RuntimeError):
+        return None
+    if not qualified.startswith("__torch__.torch.nn.modules."):
+        return None
+    cls = getattr(nn, qualified.rsplit(".", 1)[-1], None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
 def _method_graph(script: torch.jit.ScriptModule, method: str) -> Any:
     return getattr(script, method).graph
 
@@ -161,8 +201,7 @@ def _step(node_module: ScriptedModel, method: str, args: tuple[Any, ...]) -> Any
         ins = [env[v.unique()] for v in node.inputs()]
         outs = list(node.outputs())
         if kind == "prim::Constant":
-            result: Any = node.output().toIValue() if node.hasAttributes() or outs[0].type().kind() != "NoneType" \
-                else None
+            result: Any = None if outs[0].type().kind() == "NoneType" else node.output().toIValue()
         elif kind == "prim::GetAttr":
             owner, name = ins[0], node.s("name")
             if isinstance(owner, ScriptedModel):

@@ -222,3 +222,19 @@ def test_plugin_reports_a_broken_archive_as_one_line_errors(pytester, tmp_path, 
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
     assert fragment in out and "Traceback" not in out and "torchscript.py" not in out
+
+
+def test_mirrored_torch_nn_layers_are_instances_of_their_class_so_vgg_gets_its_default_layer(tmp_path):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        vgg = torchvision.models.vgg11(num_classes=3).eval()
+    torch.save(vgg.state_dict(), tmp_path / "vgg.pt")
+    torch.jit.trace(vgg, torch.zeros(1, 3, 224, 224)).save(str(tmp_path / "vgg_traced.pt"))
+    mirror = load("vgg11", checkpoint=tmp_path / "vgg_traced.pt").module
+    assert isinstance(mirror.features, torch.nn.Sequential) and isinstance(mirror.features[19], torch.nn.ReLU)
+    assert mirror.features[0].weight.shape == (64, 3, 3, 3)      # the archive's own attributes answer
+    ours = Engine(load("vgg11", checkpoint=tmp_path / "vgg_traced.pt"))
+    oracle = Engine(load("vgg11", checkpoint=tmp_path / "vgg.pt"))
+    assert ours.default_cam_layer == oracle.default_cam_layer == "features.19"  # the last ReLU, not a pool
+    got, want = ours.explain([HOPPER])[0], oracle.explain([HOPPER])[0]
+    np.testing.assert_array_equal(got.cams_lowres[got.target], want.cams_lowres[want.target])
