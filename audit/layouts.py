@@ -203,6 +203,8 @@ def family_default_layer(model: nn.Module, names: Sequence[str]) -> str | None:
         blocks = [n for n in names if re.fullmatch(r"encoder\.layers\.[^.]+\.ln_1", n)]
         return blocks[-1] if blocks else None
     if fam == "swin":
+        if "norm" in names:
+            return "norm"
         stages = [n for n in names if re.fullmatch(r"features\.\d+", n)]
         return stages[-1] if stages else None
     if fam == "timm" or _family_prefix(fam, model) is not None:

@@ -89,6 +89,7 @@ class ModelSpec:
     labels: Path | None
     seed: int | None
     location: Location = field(compare=False)
+    cam_method: str | None = None  # a name from audit.cams.names(); None: the default (gradcam)
 
     def key(self) -> tuple:
         """Identity of the loaded model, so a session loads it once however many specs name it.
@@ -661,7 +662,7 @@ def _model_spec(raw: dict, path: Path, lines: Mapping[str, tuple[int, int]]) -> 
     return ModelSpec(arch=raw["arch"], weights=raw.get("weights"), checkpoint=checkpoint,
                      preprocess=raw.get("preprocess", DEFAULT_PREPROCESS), cam_layer=raw.get("cam_layer"),
                      labels=labels, seed=raw.get("seed"),
-                     location=Location(path, _line_of(lines, "model"), "model"))
+                     location=Location(path, _line_of(lines, "model"), "model"), cam_method=raw.get("cam_method"))
 
 
 # --------------------------------------------------------------------------------------------------
