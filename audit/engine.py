@@ -260,6 +260,7 @@ class Engine:
         self._modules = dict(self.module.named_modules())
         self._default_cam_layer: str | None = None
         self._seen: dict[str, _Seen] | None = None
+        self._explainable: list[str] | None = None
 
     # -- names --------------------------------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -297,10 +298,12 @@ class Engine:
 
     def explainable_layers(self) -> list[str]:
         """The layers whose output maps to a grid of at least 2x2 cells, in execution order."""
-        seen = self._survey()
-        size = self._input_size()
-        return [n for n in sorted(seen, key=lambda n: seen[n].order)
-                if _layout_or_none(self.module, n, seen[n], size) is not None]
+        if self._explainable is None:
+            seen = self._survey()
+            size = self._input_size()
+            self._explainable = [n for n in sorted(seen, key=lambda n: seen[n].order)
+                                 if _layout_or_none(self.module, n, seen[n], size) is not None]
+        return list(self._explainable)
 
     def _alternatives(self, name: str, n: int = 4) -> list[str]:
         seen = self._survey()
@@ -324,7 +327,14 @@ class Engine:
         if self._seen is None:
             size = self._input_size()
             example = torch.zeros(1, 3, size, size, device=self.loaded.device)
-            self._seen = survey(self.module, example)
+            try:
+                self._seen = survey(self.module, example)
+            except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as exc:
+                # the user's model cannot run at its own preprocessing size: a model problem, said in a line
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise ModelError(f"{self.loaded.arch}: the model's forward fails on a {tuple(example.shape)} input "
+                                 f"({type(exc).__name__}: {reason}); its preprocessing sets the input size "
+                                 f"{size}: load weights of that size or a checkpoint built for it") from exc
         return self._seen
 
     @property
