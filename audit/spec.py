@@ -71,7 +71,7 @@ class ModelSpec:
     labels: Path | None
     seed: int | None
     location: Location = field(compare=False)
-    cam_method: str | None = None
+    cam_method: str | None = None  # a registered CAM method (audit.cams); None: the default (gradcam)
 
     def key(self) -> tuple:
         """Identity of the loaded model, so a session loads it once however many specs name it.
