@@ -46,12 +46,11 @@ class EigenCAM:
     def compute(self, activation, gradient, context):
         b, c, h, w = activation.shape
         flat = activation.reshape(b, c, h * w).transpose(1, 2)               # (B, hw, C)
-        flat = flat - flat.mean(dim=1, keepdim=True)
         _, _, vh = torch.linalg.svd(flat, full_matrices=False)
-        projection = flat @ vh[:, 0, :].unsqueeze(-1)                        # (B, hw, 1)
-        maps = projection.reshape(b, h, w)
-        # the sign of a principal component is arbitrary: keep the orientation whose mass is positive
-        sign = torch.where(maps.sum(dim=(1, 2), keepdim=True) >= 0, 1.0, -1.0)
+        maps = (flat @ vh[:, 0, :].unsqueeze(-1)).reshape(b, h, w)           # (B, h, w)
+        # the sign of a principal component is arbitrary: orient it along the mean activation
+        strength = activation.mean(dim=1)
+        sign = torch.where((maps * strength).sum(dim=(1, 2), keepdim=True) >= 0, 1.0, -1.0)
         return maps * sign
 
 
