@@ -4,7 +4,7 @@ Why: an upgrade (torch, torchvision, new weights, a changed preprocessing) can c
 explanations without breaking any hand-written expectation. ``--audit-update-baselines`` records, per
 case, the top-k, the low-resolution Grad-CAM (float16), a hash of the image, the model fingerprint and
 the library versions; a normal run compares today's explanation with it under tolerances the spec can
-set (DESIGN.md "Baselines").
+set (README "Baselines: checking an upgrade").
 
 Storage is one JSON + one ``.npy`` per case beside the spec (``<spec dir>/baselines/<spec stem>/``), so
 pytest-xdist workers never write the same file and a review diff shows one case per file. The JSON is

@@ -2,7 +2,7 @@
 
 Two families. Prediction checks compare the model's ranked top-k with the spec's expectations. Focus
 checks compare a Grad-CAM heatmap H (on the original image, non-negative: after ReLU) with an expected
-region R (a bool mask, rows y, columns x), with the definitions of DESIGN.md "Focus checks":
+region R (a bool mask, rows y, columns x), with the definitions of docs/ARCHITECTURE.md ("audit/checks.py"):
 
 - ``energy_inside``: sum of H over R / sum of H (energy-based pointing game, Score-CAM; Quantus'
   relevance mass accuracy on a ReLU'd map).
@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-
-"""The energy floor of DESIGN.md, for the spec layer to apply when a focus check names no metric."""
 
 OK, FAIL = "ok", "FAIL"
 

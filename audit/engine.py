@@ -1,6 +1,6 @@
 """The explanation engine: ONE forward pass per batch gives top-k, the CAMs of every target and feature maps.
 
-Why it is fast (see DESIGN.md, "Why one forward is enough"): parameters are frozen for the duration of
+Why it is fast (docs/ARCHITECTURE.md, "audit/engine.py"): parameters are frozen for the duration of
 the call and the input does not require gradients, so the forward builds no autograd graph until the
 CAM layer. A forward hook on that layer swaps its output for a fresh leaf tensor that requires grad;
 only the layers *after* it are recorded, and ``torch.autograd.grad(score, leaf)`` runs back through
@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from audit import cams as cam_methods
+from audit.checks import Ranked  # one type for the engine's top-k and the checks
 from audit.errors import ModelError, UnknownNameError, closest
 from audit.images import Geometry, cam_to_original, load_image
 from audit.layouts import Layout, LayerLayoutError, family_default_layer, layout_for
@@ -44,15 +45,6 @@ _HEADS = ("classifier", "head", "heads", "fc")
 # (``is_grads_batched``). Measured on 2 CPU threads (benchmarks/bench_engine.py, --targets): the
 # loop was as fast or faster for VGG16, ResNet-50 and ViT-B/16, so it is the default.
 BATCHED_GRADS = False
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """One row of the top-k: class index, display label, softmax probability."""
-
-    index: int
-    label: str
-    prob: float
 
 
 @dataclass(frozen=True)
