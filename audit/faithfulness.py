@@ -13,10 +13,13 @@ Definitions (pinned by hand-computed tests):
   (insertion), step N the reverse;
 - the area is the trapezoid rule over the fraction of pixels changed (x from 0 to 1), so it lies in
   [0, 1] because probabilities do: RISE's ``auc`` exactly.
-- substrates, as in RISE's code: deletion replaces pixels by a constant colour (RISE uses zeros of the
-  normalised tensor, i.e. the normalisation mean: pass ``fill`` = mean * 255 to reproduce it; default
-  black); insertion reveals onto a blurred copy (RISE's 11 px, sigma 5 Gaussian at 224 px, scaled to
-  the image's long side here).
+- substrates: deletion inpaints the removed pixels from the kept ones (OpenCV Telea, the default),
+  because a constant colour draws a silhouette of the hottest area, and a coarse map's silhouette of
+  a square *is* a square (measured on 200 unseen shapes scenes: with grey fill the Grad-CAM of
+  shapes_vgg beats a random map on 89% of them, with inpainting on 99%). RISE's own substrates stay
+  available: ``constant`` (RISE uses zeros of the normalised tensor, i.e. the normalisation mean:
+  pass ``fill`` = mean * 255; default black) and ``blur``; insertion reveals onto RISE's blurred copy
+  (its 11 px, sigma 5 Gaussian at 224 px, scaled to the image's long side) or a constant.
 
 The steps of many images are streamed through ``predict`` in batches of ``batch_size``: one call per
 batch, not one per step, whatever the number of images. ``predict`` is any callable taking a list of
@@ -32,6 +35,9 @@ import numpy as np
 from PIL import Image
 
 MODES = ("deletion", "insertion")
+SUBSTRATES = {"deletion": ("inpaint", "blur", "constant"), "insertion": ("blur", "constant")}
+DEFAULT_SUBSTRATE = {"deletion": "inpaint", "insertion": "blur"}
+INPAINT_RADIUS = 3
 DEFAULT_STEPS = 32
 RISE_BLUR_SIGMA_AT_224 = 5.0
 
@@ -61,7 +67,8 @@ class CurveRequest:
     heat: np.ndarray
     target: int
     mode: str = "deletion"
-    fill: tuple[float, float, float] | None = None
+    substrate: str | None = None          # None: DEFAULT_SUBSTRATE[mode]
+    fill: tuple[float, float, float] | None = None   # the constant substrate's colour (default black)
 
 
 def pixel_order(heat: np.ndarray) -> np.ndarray:
@@ -89,15 +96,15 @@ def normalised_auc(probs: Sequence[float]) -> float:
     return float((p.sum() - (p[0] + p[-1]) / 2.0) / (p.size - 1))
 
 
-def substrate(pixels: np.ndarray, mode: str, fill: tuple[float, float, float] | None = None) -> np.ndarray:
-    """What replaces (deletion) or underlies (insertion) the image: constant colour or RISE's blur."""
-    if mode == "deletion":
-        colour = np.zeros(3) if fill is None else np.asarray(fill, dtype=np.float64)
-        return np.broadcast_to(np.clip(np.rint(colour), 0, 255).astype(np.uint8), pixels.shape).copy()
-    if mode == "insertion":
-        sigma = RISE_BLUR_SIGMA_AT_224 * max(pixels.shape[:2]) / 224.0
-        return cv2.GaussianBlur(pixels, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def blurred(pixels: np.ndarray) -> np.ndarray:
+    """RISE's insertion substrate: a Gaussian blur, sigma 5 at 224 px scaled to the long side."""
+    sigma = RISE_BLUR_SIGMA_AT_224 * max(pixels.shape[:2]) / 224.0
+    return cv2.GaussianBlur(pixels, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def _constant(pixels: np.ndarray, fill: tuple[float, float, float] | None) -> np.ndarray:
+    colour = np.zeros(3) if fill is None else np.asarray(fill, dtype=np.float64)
+    return np.broadcast_to(np.clip(np.rint(colour), 0, 255).astype(np.uint8), pixels.shape)
 
 
 def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -109,21 +116,46 @@ def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
     return a
 
 
+def substrate_of(request: CurveRequest) -> str:
+    """The request's substrate, validated against its mode."""
+    if request.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {request.mode!r}")
+    name = request.substrate or DEFAULT_SUBSTRATE[request.mode]
+    if name not in SUBSTRATES[request.mode]:
+        raise ValueError(f"{request.mode} substrate must be one of {SUBSTRATES[request.mode]}, got {name!r}")
+    return name
+
+
 def step_images(request: CurveRequest, steps: int = DEFAULT_STEPS) -> Iterator[np.ndarray]:
     """The ``steps + 1`` images of one curve, in order (HxWx3 uint8), produced lazily."""
-    pixels = _pixels(request.image)
+    pixels = np.ascontiguousarray(_pixels(request.image))
     heat = np.asarray(request.heat)
     if heat.shape != pixels.shape[:2]:
         raise ValueError(f"heat {heat.shape} does not match the image {pixels.shape[:2]}")
+    name = substrate_of(request)
     order = pixel_order(heat)
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     rank = rank.reshape(heat.shape)
-    sub = substrate(pixels, request.mode, request.fill)
-    changed_src, kept_src = (sub, pixels) if request.mode == "deletion" else (pixels, sub)
+    sub = None
+    if name == "blur":
+        sub = blurred(pixels)
+    elif name == "constant":
+        sub = _constant(pixels, request.fill)
     for count in step_counts(order.size, steps):
-        changed = (rank < count)[..., None]
-        yield np.where(changed, changed_src, kept_src)
+        changed = rank < count
+        if name == "inpaint":
+            if count == 0:
+                yield pixels.copy()
+            elif count == order.size:
+                # nothing left to inpaint from: the image's mean colour, the least informative picture
+                yield np.broadcast_to(np.rint(pixels.reshape(-1, 3).mean(0)).astype(np.uint8), pixels.shape).copy()
+            else:
+                yield cv2.inpaint(pixels, changed.astype(np.uint8) * 255, INPAINT_RADIUS, cv2.INPAINT_TELEA)
+        elif request.mode == "deletion":
+            yield np.where(changed[..., None], sub, pixels)
+        else:
+            yield np.where(changed[..., None], pixels, sub)
 
 
 def curves(requests: Sequence[CurveRequest], predict: Predict, steps: int = DEFAULT_STEPS,
@@ -132,8 +164,7 @@ def curves(requests: Sequence[CurveRequest], predict: Predict, steps: int = DEFA
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for r in requests:
-        if r.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {r.mode!r}")
+        substrate_of(r)
     probs = [np.empty(steps + 1) for _ in requests]
     pending: list[Image.Image] = []
     slots: list[tuple[int, int]] = []
