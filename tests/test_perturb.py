@@ -163,7 +163,7 @@ def test_corruption_runs_the_imagenet_c_set_deterministically_and_restores_numpy
 
 
 def test_corruption_matches_the_library_at_the_same_seed():
-    import imagecorruptions
+    imagecorruptions = perturb._imagecorruptions()
     img = _image(64, 64)
     np.random.seed(5)
     expected = imagecorruptions.corrupt(np.asarray(img), corruption_name="shot_noise", severity=3)
