@@ -90,3 +90,74 @@ def test_the_same_seed_gives_the_same_correlations(shapes_vgg, images):
     a = parameter_randomisation(shapes_vgg.module, "features.13", EXAMPLE, maps_of, seed=1)
     b = parameter_randomisation(shapes_vgg.module, "features.13", EXAMPLE, maps_of, seed=1)
     np.testing.assert_array_equal(a.correlations, b.correlations)
+
+
+# ------------------------------------------------------------------------------------ the spec item
+
+def _spec_with_sanity(pytester, model: dict, sanity) -> None:
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    shapes = Path(__file__).resolve().parents[1] / "specs" / "shapes" / "images"
+    cases = []
+    for name in ("circle-01.png", "square-01.png", "star-01.png", "ring-01.png"):
+        shutil.copy(shapes / name, pytester.path / name)
+        cases.append({"id": name[:-4], "image": name, "expect": {"top1": name.split("-")[0]}})
+    (pytester.path / "s.yaml").write_text(yaml.safe_dump({"model": model, "sanity": sanity, "cases": cases},
+                                                         sort_keys=False))
+
+
+def test_sanity_item_passes_for_gradcam_on_shapes_vgg(pytester):
+    _spec_with_sanity(pytester, {"arch": "shapes_vgg"}, True)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(["*PASSED s.yaml::sanity*"])
+
+
+def test_sanity_is_opt_in(pytester):
+    _spec_with_sanity(pytester, {"arch": "shapes_vgg"}, False)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q")
+    assert "s.yaml::sanity" not in result.stdout.str()
+
+
+def test_sanity_threshold_above_the_measured_correlation_fails_with_the_numbers(pytester):
+    _spec_with_sanity(pytester, {"arch": "shapes_vgg"}, {"threshold": -1})
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(["*s.yaml: [[]sanity[]] failed*",
+                                 "*does not change when the model is randomised: rank correlation * > -1.00 FAIL*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+EDGE_CONFTEST = '''
+import torch
+import torch.nn.functional as F
+
+
+class EdgeMap:
+    """A "CAM method" that ignores the model: the Sobel edge magnitude of the input image."""
+
+    name = "edges"
+    needs_gradient = False
+
+    def compute(self, activation, gradient, context):
+        x = context.inputs.mean(dim=1, keepdim=True)
+        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+        edges = torch.sqrt(F.conv2d(x, kx, padding=1) ** 2 + F.conv2d(x, kx.transpose(2, 3), padding=1) ** 2)
+        return F.interpolate(edges, size=activation.shape[2:], mode="area")[:, 0]
+
+
+def pytest_audit_register(registry):
+    registry.add_cam_method(EdgeMap())
+'''
+
+
+def test_sanity_item_fails_for_an_edge_map_method_registered_by_a_conftest(pytester):
+    pytest.importorskip("audit.cams", reason="CAM methods (issue 14) not on this branch yet")
+    pytester.makeconftest(EDGE_CONFTEST)
+    _spec_with_sanity(pytester, {"arch": "shapes_vgg", "cam_method": "edges"}, True)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*s.yaml: [[]sanity[]] failed*",
+                                 "*edges does not change when the model is randomised: rank correlation 1.00 > 0.50 FAIL*"])
