@@ -38,7 +38,7 @@ MODES = ("deletion", "insertion")
 SUBSTRATES = {"deletion": ("inpaint", "blur", "constant"), "insertion": ("blur", "constant")}
 DEFAULT_SUBSTRATE = {"deletion": "inpaint", "insertion": "blur"}
 INPAINT_RADIUS = 3
-DEFAULT_STEPS = 32
+DEFAULT_STEPS = 16
 RISE_BLUR_SIGMA_AT_224 = 5.0
 
 Predict = Callable[[list[Image.Image]], np.ndarray]
@@ -194,3 +194,23 @@ def curves(requests: Sequence[CurveRequest], predict: Predict, steps: int = DEFA
 def random_heat(shape: tuple[int, int], seed: int) -> np.ndarray:
     """A uniform random heatmap (the chance-level baseline a faithful map must beat)."""
     return np.random.default_rng(seed).random(shape)
+
+
+def step_batch(requests: Sequence[CurveRequest], steps: int = DEFAULT_STEPS) -> list[Image.Image]:
+    """Every step image of ``requests``, in order, for a caller that predicts them itself (the session
+    predicts the follow-up images of a whole batch of cases in one pass)."""
+    return [Image.fromarray(img) for r in requests for img in step_images(r, steps)]
+
+
+def curves_from_probs(requests: Sequence[CurveRequest], probs: np.ndarray, steps: int = DEFAULT_STEPS) -> list[Curve]:
+    """The curves of ``requests`` from the probabilities of :func:`step_batch`'s images (same order)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n = steps + 1
+    if probs.ndim != 2 or probs.shape[0] != n * len(requests):
+        raise ValueError(f"expected {n * len(requests)} rows of probabilities, got {probs.shape}")
+    fractions = np.arange(n) / steps
+    out = []
+    for i, r in enumerate(requests):
+        p = probs[i * n:(i + 1) * n, r.target].copy()
+        out.append(Curve(r.mode, int(r.target), fractions.copy(), p, normalised_auc(p)))
+    return out

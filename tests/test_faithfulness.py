@@ -136,3 +136,51 @@ def test_deletion_matches_quantus_pixel_flipping():
     theirs = metric(model=model, x_batch=x, y_batch=y, a_batch=heats[:, None], device="cpu", softmax=True)
     for curve, q in zip(ours, theirs):
         np.testing.assert_allclose(curve.probs[1:], q, atol=1e-5)
+
+
+# ------------------------------------------------------------------ focus.max_deletion_auc end to end
+
+def _curve_spec(pytester, focus: dict, n: int = 2) -> None:
+    import json
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    shapes = Path(__file__).resolve().parents[1] / "specs" / "shapes" / "images"
+    boxes = sorted(json.loads((shapes / "boxes.json").read_text()).items())[:n]
+    cases = []
+    for name, meta in boxes:
+        shutil.copy(shapes / name, pytester.path / name)
+        cases.append({"id": name[:-4], "image": name, "focus": dict(focus)})
+    (pytester.path / "c.yaml").write_text(yaml.safe_dump({"model": {"arch": "shapes_vgg"}, "cases": cases},
+                                                         sort_keys=False))
+
+
+def test_deletion_and_insertion_metrics_need_no_region_and_land_in_results(pytester):
+    import json
+
+    _curve_spec(pytester, {"max_deletion_auc": 0.5, "min_insertion_auc": 0.5, "curve_steps": 8})
+    result = pytester.runpytest("-p", "no:cacheprovider", "--audit-report", "rep")
+    result.assert_outcomes(passed=2)
+    # the curve steps are predicted after the explaining forward, which stays one per batch
+    result.stdout.fnmatch_lines(["*2 images in 1 forward passes*"])
+    data = json.loads((pytester.path / "rep" / "results.json").read_text())
+    for case in data["cases"]:
+        curves = case["kinds"]["focus"]["curves"]
+        assert [c["mode"] for c in curves] == ["deletion", "insertion"]
+        for c in curves:
+            assert len(c["probs"]) == 9 and 0.0 <= c["auc"] <= 1.0
+            assert c["auc"] == pytest.approx(fa.normalised_auc(c["probs"]))
+        focus = next(ch for ch in case["checks"] if ch["kind"] == "focus")
+        assert [m["name"] for m in focus["metrics"]] == ["deletion_auc", "insertion_auc"]
+    assert (pytester.path / "rep" / "index.html").read_text().count("<polyline") == 4
+
+
+def test_a_deletion_ceiling_below_the_curve_fails_with_the_numbers(pytester):
+    _curve_spec(pytester, {"max_deletion_auc": 0.01}, n=1)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*deletion_auc=* <= 0.01 FAIL: p(*) as the hottest pixels are inpainted away "
+                                 "in 16 steps: *"])
+    assert "Traceback" not in result.stdout.str()
