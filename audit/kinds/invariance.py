@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from audit import perturb, regions
 from audit.checks import CheckResult, Metric
-from audit.errors import AuditError, SpecError
+from audit.errors import AuditError, SpecError, closest
 from audit.evidence_metrics import heatmap_follows
 from audit.kinds.base import CheckKind, Needs, Picture, Variant
 
@@ -196,7 +196,6 @@ class InvarianceKind(CheckKind):
                     ctx.error(f"{rel}.corruption", str(exc))
                     continue
                 if value["name"] not in names:
-                    from audit.errors import closest
                     ctx.error(f"{rel}.corruption.name", f"unknown corruption {value['name']!r}; did you mean: "
                               + ", ".join(repr(n) for n in closest(value["name"], names)))
                     continue
