@@ -78,6 +78,7 @@ class SanityKind(CheckKind):
         cam_layer = spec.model.cam_layer or engine.default_cam_layer
         method_kwargs = session._method_kwargs(spec.model) if hasattr(session, "_method_kwargs") else {}
         method = method_kwargs.get("cam_method", "gradcam")
+        method = getattr(method, "name", method)   # the engine takes the registered method object
         preprocess = spec.model.preprocess
         prep = engine.loaded.preprocessing[preprocess]
         example = torch.zeros(1, 3, prep.size, prep.size, device=engine.loaded.device)
