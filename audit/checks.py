@@ -371,8 +371,13 @@ class FocusExpectation:
     target_desc: str = ""
 
 
-def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
-    """Compute every requested metric against its threshold; an all-zero heatmap fails them all."""
+def check_focus(heat: np.ndarray, expectation: FocusExpectation,
+                extra: Sequence[tuple[Metric, str]] = ()) -> CheckResult:
+    """Compute every requested metric against its threshold; an all-zero heatmap fails them all.
+
+    ``extra``: metrics measured elsewhere with their one-line reasons (the deletion/insertion curves of
+    :mod:`audit.faithfulness`, which need the model), reported after the map's own metrics.
+    """
     e = expectation
     wants_region = (e.min_energy is not None or e.pointing_game or e.min_iou is not None
                     or e.min_rank_accuracy is not None or e.min_auc is not None)
@@ -380,7 +385,7 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
         raise ValueError("a focus metric on the region was requested but FocusExpectation.region is None")
     if e.max_energy_in_avoid is not None and e.avoid is None:
         raise ValueError("max_energy_in_avoid was given but FocusExpectation.avoid is None")
-    if not wants_region and e.max_energy_in_avoid is None:
+    if not wants_region and e.max_energy_in_avoid is None and not extra:
         raise ValueError("FocusExpectation requests no metric (the focus kind applies audit.defaults.MIN_ENERGY)")
     for mask in (e.region, e.avoid):
         if mask is not None:
@@ -444,8 +449,10 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
                    not empty and v <= e.max_energy_in_avoid)
         rows.append((m, f"{v:.0%} of the heat lies inside {avoid}; at most {e.max_energy_in_avoid:.0%} allowed"))
 
+    rows.extend((m, why) for m, why in extra)
     metrics = tuple(m for m, _ in rows)
-    where = f"focus of {target} on {region}" + (f", avoiding {avoid}" if e.avoid is not None else "")
+    where = (f"focus of {target}" + (f" on {region}" if e.region is not None else "")
+             + (f", avoiding {avoid}" if e.avoid is not None else ""))
     if empty:
         lines = [f"{where}: empty heatmap: Grad-CAM is zero everywhere for {target}",
                  f"  all {len(rows)} focus check{'s' if len(rows) != 1 else ''} fail: "

@@ -64,6 +64,9 @@ class Observation:
     fingerprint: str
     preprocess: str
     label: Callable[[int], str] = field(repr=False, default=str)
+    #: probabilities of the follow-up images a kind asked for once the original was explained (the steps
+    #: of deletion/insertion curves), by kind name: (n_images, classes)
+    followups: dict[str, Any] = field(default_factory=dict)
 
     @property
     def case(self) -> CaseSpec:
@@ -354,12 +357,41 @@ class AuditSession:
                 originals[i] = explanation
             else:
                 variants[i][name] = explanation
+        followups = self._followups(engine, ref.model, cases, originals)
         for i, (case_ref, image, prepared, needs) in enumerate(cases):
             e = originals[i]
             subject = next((need.subject for need in needs if need.subject is not None), e.top_k[0].index)
             self._store(case_ref.nodeid, Observation(
                 case_ref, image, e, variants[i], prepared, int(subject), seconds / len(cases),
-                engine.loaded.fingerprint, case_ref.model.preprocess, engine.label))
+                engine.loaded.fingerprint, case_ref.model.preprocess, engine.label, followups[i]))
+
+    def _followups(self, engine: Any, model: ModelSpec, cases: list, originals: dict[int, Any]) -> dict[int, dict]:
+        """Images the kinds derive from the original's explanation (``kind.followups(prepared, image,
+        explanation)``, e.g. the steps of a deletion curve ordered by the heatmap), predicted for the whole
+        batch in one no-grad pass of large chunks; nothing runs when no kind asks."""
+        asked: list[tuple[int, str, int, int]] = []   # (case index, kind name, start, stop) in ``pending``
+        pending: list[Image.Image] = []
+        for i, (case_ref, image, prepared, _) in enumerate(cases):
+            for kind in self.kinds_for(case_ref.case):
+                make = getattr(kind, "followups", None)
+                if make is None:
+                    continue
+                wanted = list(make(prepared.get(kind.name), image, originals[i]) or ())
+                if wanted:
+                    asked.append((i, kind.name, len(pending), len(pending) + len(wanted)))
+                    pending.extend(wanted)
+        found: dict[int, dict] = {i: {} for i in range(len(cases))}
+        if not pending:
+            return found
+        from audit.predict import predictor
+
+        started = time.perf_counter()
+        probs = predictor(engine.loaded, model.preprocess, batch_size=256)(pending)
+        self.stats["followup_images"] = self.stats.get("followup_images", 0) + len(pending)
+        self.stats["followup_s"] = self.stats.get("followup_s", 0.0) + time.perf_counter() - started
+        for i, name, start, stop in asked:
+            found[i][name] = probs[start:stop]
+        return found
 
     def _method_kwargs(self, model: ModelSpec) -> dict[str, Any]:
         """``cam_method=``: the method object from this session's registry (built in or the user's)."""

@@ -25,6 +25,7 @@ def test_shipped_shapes_specs_all_pass_offline(pytester):
     outcomes = outcomes_by_item(pytester, REPO / "specs" / "shapes")
     assert len([k for k in outcomes if k.endswith("prediction")]) >= 12
     assert len([k for k in outcomes if k.endswith("focus")]) >= 12
+    assert len([k for k in outcomes if k.endswith("invariance")]) >= 12
     assert set(outcomes.values()) == {"passed"}, outcomes
 
 
@@ -35,6 +36,22 @@ def test_shortcut_model_gets_the_label_right_for_the_wrong_reason(pytester):
     assert len(predictions) >= 6 and len(focus) == len(predictions)
     assert set(predictions.values()) == {"passed"}, predictions
     assert set(focus.values()) == {"failed"}, focus
+    invariance = {k: v for k, v in outcomes.items() if k.endswith("invariance")}
+    assert len(invariance) == len(predictions)
+    assert set(invariance.values()) == {"failed"}, invariance
+
+
+def test_shortcut_example_with_the_honest_model_passes_everything(pytester):
+    """The example's comment: change `arch` to shapes_vgg and every item passes."""
+    import shutil
+
+    for folder in ("images", "markers"):
+        shutil.copytree(REPO / "examples" / "shortcut" / folder, pytester.path / folder)
+    text = (REPO / "examples" / "shortcut" / "shortcut.yaml").read_text()
+    (pytester.path / "honest.yaml").write_text(text.replace("arch: shapes_vgg_shortcut", "arch: shapes_vgg"))
+    outcomes = outcomes_by_item(pytester, pytester.path / "honest.yaml")
+    assert len([k for k in outcomes if k.endswith("invariance")]) == 6
+    assert set(outcomes.values()) == {"passed"}, outcomes
 
 
 def test_imagenet_specs_skip_with_the_weights_file_to_provide(pytester, monkeypatch, tmp_path):

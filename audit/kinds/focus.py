@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from audit import checks, defaults, regions
+from audit import checks, defaults, faithfulness, regions
 from audit.errors import SpecError
 from audit.kinds.base import CheckKind, Needs, ShownRegion
 
 #: the metrics that measure against ``region`` (one of them is required; MIN_ENERGY when none is named)
 REGION_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy", "min_auc")
+#: the faithfulness metrics (RISE deletion / insertion): they need no region, they need the model
+CURVE_METRICS = ("max_deletion_auc", "min_insertion_auc")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,15 @@ class Focus:
     min_auc: float | None = None
     avoid: regions.Region | None = None
     max_energy_in_avoid: float | None = None
+    max_deletion_auc: float | None = None
+    min_insertion_auc: float | None = None
+    curve_steps: int = faithfulness.DEFAULT_STEPS
+
+    @property
+    def curves(self) -> tuple[str, ...]:
+        """The curve modes the metrics need ("deletion", "insertion")."""
+        return tuple(mode for mode, v in (("deletion", self.max_deletion_auc), ("insertion", self.min_insertion_auc))
+                     if v is not None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +82,8 @@ class FocusKind(CheckKind):
             if "max_energy_in_avoid" in own:
                 ctx.error("focus.max_energy_in_avoid", "max_energy_in_avoid needs an avoid region (focus.avoid)")
             values.pop("max_energy_in_avoid")
-        if region is None and avoid is None:
+        curve_values = {k: float(values[k]) for k in CURVE_METRICS if values.get(k) is not None}
+        if region is None and avoid is None and not curve_values:
             if own and ctx.error_count() == before:
                 ctx.error("focus", "focus has nothing to check: give a region and/or an avoid region")
             return None
@@ -80,7 +92,8 @@ class FocusKind(CheckKind):
         if avoid is not None and values.get("max_energy_in_avoid") is None:
             values["max_energy_in_avoid"] = defaults.MAX_ENERGY_IN_AVOID
         floats = ("min_energy", "min_iou", "min_rank_accuracy", "min_auc", "max_energy_in_avoid")
-        return Focus(target=values.get("target"), region=region, avoid=avoid,
+        return Focus(target=values.get("target"), region=region, avoid=avoid, **curve_values,
+                     curve_steps=int(values.get("curve_steps", faithfulness.DEFAULT_STEPS)),
                      pointing_game=bool(values.get("pointing_game", False)),
                      tolerance_px=float(values.get("tolerance_px", 0.0)),
                      iou_threshold=float(values.get("iou_threshold", defaults.IOU_THRESHOLD)),
@@ -113,7 +126,55 @@ class FocusKind(CheckKind):
             avoid=prepared.avoid_mask, avoid_desc=focus.avoid.describe() if focus.avoid else "",
             max_energy_in_avoid=focus.max_energy_in_avoid,
             target_desc=f"{observation.label(target)!r} (#{target})")
-        return checks.check_focus(observation.explanation.cams[target], expectation)
+        extra = [(metric, why) for metric, why, _ in self._curve_rows(prepared, observation, target)]
+        return checks.check_focus(observation.explanation.cams[target], expectation, extra)
+
+    # -- faithfulness: deletion / insertion curves (RISE) ----------------------------------------------
+    def _curve_requests(self, prepared: PreparedFocus, image: Any, explanation: Any) -> list:
+        focus = prepared.focus
+        target = prepared.target if prepared.target is not None else explanation.top_k[0].index
+        heat = explanation.cams[target]
+        return [faithfulness.CurveRequest(image, heat, int(target), mode) for mode in focus.curves]
+
+    def followups(self, prepared: PreparedFocus | None, image: Any, explanation: Any) -> list:
+        """The step images of the requested curves: ordered by this heatmap, so they come after the forward."""
+        if prepared is None or not prepared.focus.curves:
+            return []
+        return faithfulness.step_batch(self._curve_requests(prepared, image, explanation), prepared.focus.curve_steps)
+
+    def _curve_rows(self, prepared: PreparedFocus, observation: Any, target: int) -> list:
+        focus = prepared.focus
+        if not focus.curves:
+            return []
+        probs = observation.followups.get(self.name)
+        if probs is None:
+            raise AssertionError("the session did not predict the focus kind's curve steps")
+        requests = self._curve_requests(prepared, observation.image, observation.explanation)
+        found = faithfulness.curves_from_probs(requests, probs, focus.curve_steps)
+        name = observation.label(target)
+        rows = []
+        for curve in found:
+            if curve.mode == "deletion":
+                ok = curve.auc <= focus.max_deletion_auc
+                metric = checks.Metric("deletion_auc", curve.auc, focus.max_deletion_auc, "<=", ok)
+                why = (f"p({name}) as the hottest pixels are inpainted away in {focus.curve_steps} steps: "
+                       f"{curve.probs[0]:.2f} -> {curve.probs[len(curve.probs) // 4]:.2f} at 25% deleted; "
+                       f"area at most {focus.max_deletion_auc:.2f} allowed (lower: the map shows what the model uses)")
+            else:
+                ok = curve.auc >= focus.min_insertion_auc
+                metric = checks.Metric("insertion_auc", curve.auc, focus.min_insertion_auc, ">=", ok)
+                why = (f"p({name}) as the hottest pixels are revealed on a blurred copy in {focus.curve_steps} steps: "
+                       f"{curve.probs[0]:.2f} -> {curve.probs[len(curve.probs) // 4]:.2f} at 25% revealed; "
+                       f"area at least {focus.min_insertion_auc:.2f} required")
+            rows.append((metric, why, curve))
+        return rows
+
+    def record(self, prepared: PreparedFocus | None, observation: Any) -> dict | None:
+        """The curves, for results.json and the report's plot."""
+        if prepared is None or not prepared.focus.curves:
+            return None
+        target = prepared.target if prepared.target is not None else observation.explanation.top_k[0].index
+        return {"curves": [curve.to_dict() for _, _, curve in self._curve_rows(prepared, observation, target)]}
 
     def regions(self, prepared: PreparedFocus) -> tuple[ShownRegion, ...]:
         shown = []

@@ -58,7 +58,7 @@ def test_two_runs_of_the_shipped_specs_give_identical_results(pytester):
     data = []
     for folder in ("r1", "r2"):
         result = pytester.runpytest("shapes", "--audit-report", folder, "-p", "no:cacheprovider")
-        result.assert_outcomes(passed=32)
+        result.assert_outcomes(passed=44)  # 16 prediction, 16 focus, 12 invariance
         report = check_report(pytester, [], folder=folder)
         ids.append(sorted(c["case_id"] for c in report.data["cases"]))
         data.append(normalise(report.data, run_id_of(pytester.path / folder)))
@@ -75,7 +75,8 @@ def test_two_runs_draw_byte_identical_pictures(pytester):
                     ignore=shutil.ignore_patterns("baselines"))
     pictures = []
     for folder in ("r1", "r2"):
-        pytester.runpytest("shapes", "--audit-report", folder, "-p", "no:cacheprovider").assert_outcomes(passed=32)
+        result = pytester.runpytest("shapes", "--audit-report", folder, "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=44)  # 16 prediction, 16 focus, 12 invariance
         assets = pytester.path / folder / "assets" / run_id_of(pytester.path / folder)
         pictures.append({p.name: p.read_bytes() for p in sorted(assets.iterdir())})
     assert pictures[0].keys() == pictures[1].keys() and len(pictures[0]) > 16
