@@ -246,6 +246,8 @@ def _points(outline: Sequence[Sequence[float]], scale: float) -> np.ndarray:
 
 
 def _dashed(img: np.ndarray, pts: np.ndarray, colour, thickness: int, dash: int) -> None:
+    """Red dashes over a white line: one of the two colours shows on any background (a red heatmap too)."""
+    cv2.polylines(img, [pts], True, (255, 255, 255), thickness, cv2.LINE_AA)
     closed = np.vstack([pts, pts[:1]]).astype(np.float64)
     for (x0, y0), (x1, y1) in zip(closed[:-1], closed[1:]):
         length = math.hypot(x1 - x0, y1 - y0)
@@ -255,6 +257,57 @@ def _dashed(img: np.ndarray, pts: np.ndarray, colour, thickness: int, dash: int)
             p = (int(round(x0 + (x1 - x0) * a)), int(round(y0 + (y1 - y0) * a)))
             q = (int(round(x0 + (x1 - x0) * b)), int(round(y0 + (y1 - y0) * b)))
             cv2.line(img, p, q, colour, thickness, cv2.LINE_AA)
+
+
+def hottest_point(heat: np.ndarray) -> tuple[float, float] | None:
+    """Centre (x, y) of the first pixel holding the map's maximum (row-major, as the pointing game ties
+    it), in the map's own pixels; None for an all-zero map (the pointing game then has no hottest point)."""
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.size == 0 or not float(heat.max()) > 0:
+        return None
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return float(x) + 0.5, float(y) + 0.5
+
+
+def _mark_point(img: np.ndarray, point: tuple[float, float]) -> None:
+    """A white-ringed black cross: visible on the dark and the bright end of every colormap."""
+    h, w = img.shape[:2]
+    r = max(3, round(max(w, h) / 40))
+    x, y = int(point[0]), int(point[1])
+    for colour, thick in (((255, 255, 255), max(3, r // 2)), ((0, 0, 0), max(1, r // 4))):
+        cv2.line(img, (x - r, y), (x + r, y), colour, thick, cv2.LINE_AA)
+        cv2.line(img, (x, y - r), (x, y + r), colour, thick, cv2.LINE_AA)
+
+
+def place_in_seen_box(lowres: np.ndarray, seen_box: Sequence[float] | None, size: tuple[int, int]) -> np.ndarray:
+    """A low-resolution map (it covers what the model saw) laid onto a picture of ``size`` (w, h): resized
+    onto ``seen_box`` (original-image pixels scaled to ``size`` by the caller), zeros outside, as the
+    engine maps its own heatmaps; without a box, resized onto the whole picture."""
+    lowres = np.asarray(lowres, dtype=np.float32)
+    w, h = size
+    if seen_box is None:
+        return _resize_heat(lowres, (w, h))
+    x0, y0, x1, y1 = (int(math.floor(float(v) + 0.5)) for v in seen_box)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    out = np.zeros((h, w), np.float32)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = cv2.resize(lowres, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return np.clip(np.nan_to_num(out), 0.0, 1.0)
+
+
+def _crop_border(img: np.ndarray, seen_box: Sequence[float] | None, scale: float) -> np.ndarray:
+    """The seen box's amber border on a heatmap, so two maps of a cropping model read alike."""
+    if seen_box is None:
+        return img
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = (float(v) * scale for v in seen_box)
+    x0, y0 = max(0, math.floor(x0 + 0.5)), max(0, math.floor(y0 + 0.5))
+    x1, y1 = min(w, math.floor(x1 + 0.5)), min(h, math.floor(y1 + 0.5))
+    if (x0 > 0 or y0 > 0 or x1 < w or y1 < h) and x1 > x0 and y1 > y0:
+        img = img.copy()
+        thick = 1 if max(w, h) <= DRAW_MIN else max(2, round(max(w, h) / 300))
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SEEN, thick, cv2.LINE_AA)
+    return img
 
 
 def draw_regions(image: Image.Image, region_outlines: Iterable[Sequence[Sequence[float]]] | None,
@@ -468,12 +521,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                        region_outlines: Iterable | None, avoid_outlines: Iterable | None,
                        seen_box: Sequence[float] | None, features: Mapping[str, np.ndarray] | None,
                        max_channels: Mapping[str, int | None] | None, colormap: str = "jet",
-                       baseline_heat: np.ndarray | None = None, thumb_size: int = 256) -> dict[str, Any]:
+                       baseline_heat: np.ndarray | None = None, thumb_size: int = 256,
+                       baseline_now_heat: np.ndarray | None = None, mark_peak: bool = False) -> dict[str, Any]:
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
     Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
     their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
     (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``.
+    ``baseline_heat`` (the recorded low-res map) and ``baseline_now_heat`` (today's low-res map of the
+    baseline's class) are laid onto the seen box; ``mark_peak`` draws the hottest point on the overlay
+    (pointing-game checks) and records it as ``peak`` (original pixels).
     Photos and heatmaps are JPEG, feature grids PNG. The files are encoded and written on a background
     thread: ``flush_assets()`` (called by ``write_report``) waits for them.
     """
@@ -509,14 +566,30 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     base = rgb if factor >= 1.0 else display.copy()   # the outlines are drawn into ``display``
     put("image", _draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
     base_size = (base.shape[1], base.shape[0])
+    base_scale = base.shape[1] / rgb.shape[1]
     if heat is not None:
         colour = colorize(_resize_heat(heat, base_size), colormap)   # one colour picture, two uses
         put("heatmap", colour)
-        put("overlay", _blend(base, colour))
+        blended = _blend(base, colour)
+        # the overlay is where QA reads focus: the regions are drawn on it too (the avoid outline in
+        # red over white, visible on a red hot spot), and for pointing-game checks the hottest point
+        _draw_regions(blended, region_outlines, avoid_outlines, None, scale=base_scale)
+        peak = hottest_point(heat) if mark_peak else None
+        if peak is not None:
+            _mark_point(blended, (peak[0] * base_size[0] / heat.shape[1], peak[1] * base_size[1] / heat.shape[0]))
+        put("overlay", blended)
         shown_height = _shown_size((display.shape[1], display.shape[0]))[1]
         out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(shown_height, thumb_size))
-    if baseline_heat is not None:
-        put("baseline_heatmap", colorize(_resize_heat(baseline_heat, base_size), colormap))
+        if peak is not None:
+            out["peak"] = [round(peak[0] * rgb.shape[1] / heat.shape[1], 1),
+                           round(peak[1] * rgb.shape[0] / heat.shape[0], 1)]
+    # the baseline's map and today's map of the same class, both low-res maps of what the model saw,
+    # laid onto the seen box the same way and both with the crop border: like with like
+    seen_scaled = None if seen_box is None else [float(v) * base_scale for v in seen_box]
+    for key, lowres in (("baseline_heatmap", baseline_heat), ("baseline_now_heatmap", baseline_now_heat)):
+        if lowres is not None:
+            placed = place_in_seen_box(lowres, seen_scaled, base_size)
+            put(key, _crop_border(colorize(placed, colormap), seen_box, base_scale))
     grids: dict[str, str] = {}
     for layer, maps in (features or {}).items():
         maps = np.asarray(maps)

@@ -379,7 +379,7 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
 
 
 @pytest.mark.parametrize("side", [64, 300, 1500])   # enlarged, kept, shrunk for the screen
-def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
+def test_render_case_assets_draws_regions_on_the_image_and_overlay_not_on_heatmaps(report_dir, side):
     out, _, asset_dir = report_dir
     grey = Image.new("RGB", (side, side), (128, 128, 128))
     box = box_outline(side // 4, side // 4, side // 2, side // 2)
@@ -393,8 +393,52 @@ def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
         return int((px.max(axis=(0, 1)) - px.min(axis=(0, 1))).max())
 
     assert spread("image") > 100                 # green and red outlines on grey
-    for key in ["heatmap", "overlay", "baseline_heatmap"]:
+    assert spread("overlay") > 100               # ... and on the overlay, where QA reads the focus
+    for key in ["heatmap", "baseline_heatmap"]:
         assert spread(key) <= 2, key             # one flat colour (JPEG may round by a level)
+
+
+def test_avoid_outline_shows_red_and_white_on_a_red_and_on_a_white_background(report_dir):
+    out, _, asset_dir = report_dir
+    outline = box_outline(16, 16, 48, 48)
+    for colour in [(255, 0, 0), (255, 255, 255)]:
+        img = np.full((64, 64, 3), colour, np.uint8)
+        R._draw_regions(img, None, [outline], None, scale=1.0)
+        edge = img[16, 16:48].astype(int)                # the top edge of the box
+        distance = np.abs(edge - np.array(colour)).sum(axis=1)
+        assert (distance > 200).sum() >= 8, colour       # a good part of the edge stands out
+
+
+def test_pointing_game_cases_get_the_hottest_point_marked_on_the_overlay(report_dir):
+    out, _, asset_dir = report_dir
+    heat = np.zeros((64, 64), np.float32)
+    heat[40, 10] = 1.0
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    a = R.render_case_assets(asset_dir, "peak", grey, heat, None, None, None, {}, {}, mark_peak=True)
+    b = R.render_case_assets(asset_dir, "nopeak", grey, heat, None, None, None, {}, {})
+    R.flush_assets()
+    assert a["peak"] == [10.5, 40.5] and "peak" not in b
+    with Image.open(out / a["overlay"]) as im, Image.open(out / b["overlay"]) as im2:
+        diff = np.abs(np.asarray(im, int) - np.asarray(im2, int)).sum(axis=2)
+    ys, xs = np.nonzero(diff > 60)
+    assert len(xs) and abs(xs.mean() - 10) < 3 and abs(ys.mean() - 40) < 3   # the cross sits on the peak
+
+
+def test_baseline_maps_are_laid_onto_the_seen_box_with_the_crop_border(report_dir):
+    out, _, asset_dir = report_dir
+    img = Image.new("RGB", (400, 300), (128, 128, 128))
+    seen = (50.0, 0.0, 350.0, 300.0)                     # a centre crop of the 400x300 photo
+    ones = np.ones((7, 7), np.float32)
+    a = R.render_case_assets(asset_dir, "crop", img, None, None, None, seen, {}, {},
+                             baseline_heat=ones, baseline_now_heat=ones * 0.5)
+    R.flush_assets()
+    for key in ["baseline_heatmap", "baseline_now_heatmap"]:
+        with Image.open(out / a[key]) as im:
+            px = np.asarray(im.convert("RGB")).astype(int)
+        jet0 = R.colorize(np.zeros((1, 1), np.float32))[0, 0]
+        assert np.abs(px[150, 20] - jet0).sum() < 30, key       # outside the crop: the map is zero there
+        assert np.abs(px[150, 200] - jet0).sum() > 100, key     # inside: the map
+        assert np.abs(px[150, 50:53] - np.array(R.SEEN)).sum(axis=1).min() < 120, key   # amber border
 
 
 def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
