@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import tempfile
 import threading
 import unicodedata
@@ -702,7 +703,7 @@ def _env() -> "jinja2.Environment":
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                  bytecode_cache=_template_cache())
         env.filters["num"] = _fmt_num
-        env.filters["pct"] = lambda v: "" if v is None else f"{100.0 * float(v):.1f}%"
+        env.filters["pct"] = fmt_prob
         _ENV = env
     return _ENV
 
@@ -751,6 +752,19 @@ def _first_use(page: bool) -> None:
             _label_stamp(index, scale)
     if page:
         _env().get_template("report.html")
+
+
+def fmt_prob(value: Any) -> str:
+    """A probability in percent, one decimal, with more where one decimal would round a value that is
+    not 1 up to "100.0%" (0.9996 is 99.96%, not a certainty)."""
+    if value is None:
+        return ""
+    p = 100.0 * float(value)
+    for d in range(1, 6):
+        text = f"{p:.{d}f}"
+        if p >= 100.0 or float(text) < 100.0:
+            return text + "%"
+    return f"{p:.5f}%"
 
 
 def _fmt_num(value: Any) -> str:
@@ -845,7 +859,7 @@ def _spec_folder(spec: str) -> str:
 
 # Every key the page reads, per kind of record. ``_filled`` gives each missing one the value None, so the
 # template can subscript (``c["error"]``) where ``c.get("error")`` would cost a jinja2 call per use.
-_CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k",
+_CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k", "k",
                             "target", "checks", "regions", "crops", "assets", "baseline", "error", "features"))
 _NESTED_KEYS = {
     "checks": dict.fromkeys(("kind", "outcome", "message", "metrics", "duration_s")),
@@ -855,7 +869,7 @@ _METRIC_KEYS = dict.fromkeys(("name", "value", "threshold", "op", "passed"))
 _TARGET_KEYS = dict.fromkeys(("index", "label"))
 _REGIONS_KEYS = dict.fromkeys(("region", "avoid"))
 _BASELINE_KEYS = dict.fromkeys(("heatmap_correlation", "hot_iou", "top1_then", "top1_now", "prob_drift",
-                                "topk_overlap", "recorded_with"))
+                                "topk_overlap", "recorded_with", "top_k_then", "target"))
 
 
 def _filled(record: Mapping[str, Any] | None, keys: dict[str, None]) -> dict[str, Any] | None:
@@ -875,6 +889,128 @@ def _page_record(case: Mapping[str, Any]) -> dict[str, Any]:
     return c
 
 
+_NUMERIC_OPS = {">=": 1.0, ">": 1.0, "<=": -1.0, "<": -1.0}
+_INDEX_METRIC = re.compile(r"^(\w+)\[(\d+)\]$")
+NO_MARGIN = ""   # sort key of a check without a numeric margin: sorted last in either direction
+
+
+def fmt_threshold(value: Any) -> str:
+    """A threshold as the spec wrote it: the shortest decimal that reads back as the same float
+    (0.999 stays 0.999, never "1.00" nor "100%")."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return str(v)
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def fmt_value(value: Any, threshold: Any = None) -> str:
+    """A measured value with as many decimals as it takes to keep its relation to the threshold: 0.4996
+    against 0.5 prints 0.4996, not 0.50; at least two decimals, or the threshold's own."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return str(v)
+    try:
+        t = None if threshold is None or isinstance(threshold, bool) else float(threshold)
+    except (TypeError, ValueError):
+        t = None
+    written = fmt_threshold(t) if t is not None and math.isfinite(t) else ""
+    decimals = max(2, len(written.partition(".")[2]) if "e" not in written else 2)
+    if abs(v) < 0.01 and v != 0 and t is None:
+        return f"{v:.2e}"
+    for d in range(decimals, 9):
+        text = f"{v:.{d}f}"
+        if t is None or (float(text) > t) == (v > t) and (float(text) < t) == (v < t):
+            return text
+    return repr(v)
+
+
+def _margin(metric: Mapping[str, Any]) -> float | None:
+    """How far a numeric metric is from its threshold, positive on the passing side; None for yes/no
+    metrics (pointing game, top-1, membership) and metrics without a threshold."""
+    sign = _NUMERIC_OPS.get(metric.get("op") or "")
+    value, threshold = metric.get("value"), metric.get("threshold")
+    if sign is None or isinstance(value, bool) or isinstance(threshold, bool):
+        return None
+    try:
+        v, t = float(value), float(threshold)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(v) and math.isfinite(t)):
+        return None
+    return sign * (v - t)
+
+
+def _label_of(index: Any, labels: Mapping[int, str]) -> str:
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        return str(index)
+    return f"{labels[i]} (#{i})" if i in labels else f"#{i}"
+
+
+def _metric_view(m: Mapping[str, Any], labels: Mapping[int, str]) -> dict[str, Any]:
+    """One metric row: the top-1 metric in labels, not indices; thresholds as written."""
+    name, value, threshold = str(m.get("name") or ""), m.get("value"), m.get("threshold")
+    shown_name = name
+    indexed = _INDEX_METRIC.match(name)
+    if indexed and int(indexed.group(2)) in labels:
+        shown_name = f"{indexed.group(1)}[{labels[int(indexed.group(2))]}]"
+    if name == "top1":
+        value_text, threshold_text = _label_of(value, labels), _label_of(threshold, labels)
+    elif isinstance(value, bool):
+        value_text = ("hit" if value else "miss") if name == "pointing_game" else ("yes" if value else "no")
+        threshold_text = "hit" if name == "pointing_game" else fmt_threshold(threshold)
+    else:
+        value_text, threshold_text = fmt_value(value, threshold), fmt_threshold(threshold)
+    margin = _margin(m)
+    return {"name": shown_name, "value": value_text, "op": m.get("op") or "", "threshold": threshold_text,
+            "passed": bool(m.get("passed")), "margin": margin}
+
+
+def _fmt_margin(margin: float) -> str:
+    return f"{margin:+.3f}".replace("-", "\u2212")
+
+
+def _worst(check: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> tuple[str, Any]:
+    """The check's worst margin to its thresholds, as (text, sort key): a failed yes/no metric ("miss")
+    sorts before any numeric margin, a check without metrics (skipped, error) after all."""
+    outcome = check.get("outcome") or "error"
+    if not metrics:
+        return outcome, NO_MARGIN
+    failed_flags = [m for m in metrics if m["margin"] is None and not m["passed"]]
+    margins = [m["margin"] for m in metrics if m["margin"] is not None]
+    if failed_flags:
+        return "miss" if failed_flags[0]["name"] == "pointing_game" else "FAIL", -1e9
+    if margins:
+        worst = min(margins)
+        return _fmt_margin(worst), round(worst, 6)
+    return ("ok" if outcome == "passed" else outcome), 1e9 if outcome == "passed" else -1e9
+
+
+def _ms(seconds: Any) -> str:
+    ms = 1000.0 * float(seconds or 0.0)
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:,.0f} ms"
+
+
 def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
     """Everything one card shows, resolved to pictures and plain values (the template only lays out)."""
     case = _page_record(case)
@@ -886,6 +1022,30 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         features.append({"layer": f.get("layer"), "maps": c, "h": h, "w": w, "shown": f.get("shown"),
                          "picture": assets.picture((a.get("grids") or {}).get(f.get("layer")))})
     nodeid = str(case.get("nodeid") or "")
+    labels = {int(t["index"]): str(t["label"]) for t in case["top_k"] if t["index"] is not None}
+    baseline = case["baseline"]
+    for t in (baseline or {}).get("top_k_then") or ():
+        labels.setdefault(int(t["index"]), str(t["label"]))
+    if case["target"] and case["target"]["index"] is not None:
+        labels.setdefault(int(case["target"]["index"]), str(case["target"]["label"]))
+
+    checks, skipped, worst = [], {}, {}
+    for ch in case["checks"]:
+        metrics = [_metric_view(m, labels) for m in ch["metrics"]]
+        worst[ch["kind"]] = _worst(ch, metrics)
+        if ch["outcome"] == "skipped":   # one line per distinct reason, not one per check
+            skipped.setdefault(str(ch["message"] or "skipped"), []).append(ch["kind"])
+            continue
+        checks.append({"kind": ch["kind"], "outcome": ch["outcome"], "message": ch["message"],
+                       "metrics": metrics, "duration": _ms(ch["duration_s"])})
+    expected_class = _expected_class(case, labels)
+    top1 = case["top_k"][0] if case["top_k"] else None
+    k = case.get("k") or len(case["top_k"]) or None
+    search = " ".join(str(x) for x in (case["case_id"], case["spec"], case["model"], expected_class or "",
+                                       *(t["label"] for t in case["top_k"]),
+                                       (case["target"] or {}).get("label") or "") if x).lower()
+    energy = next((m.get("value") for ch in case["checks"] for m in ch["metrics"]
+                   if m.get("name") == "energy_inside"), None)
     return {
         "case": case,
         "image_path": _as_written(case.get("image"), case.get("spec")),
@@ -896,24 +1056,124 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         "overlay": assets.picture(a.get("overlay"), a.get("overlay_thumb")),
         "colorbar": assets.picture(a.get("colorbar")),
         "baseline_heatmap": assets.picture(a.get("baseline_heatmap"), a.get("baseline_heatmap_thumb")),
+        "baseline_now_heatmap": assets.picture(a.get("baseline_now_heatmap"), a.get("baseline_now_heatmap_thumb")),
+        "peak": a.get("peak"),
         "features": features,
-        "duration_s": sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or []),
+        "duration": _ms(sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or [])),
+        "checks": checks,
+        "skipped": [{"reason": r, "kinds": kinds} for r, kinds in skipped.items()],
+        "worst": worst,
+        "k": k,
+        "top_k": [{**t, "beyond_k": k is not None and i >= k} for i, t in enumerate(case["top_k"])],
+        "top1": top1,
+        "expected_class": expected_class,
+        "energy": energy if isinstance(energy, (int, float)) and not isinstance(energy, bool) else None,
+        "search": search,
+        "baseline": _baseline_view(baseline, case, labels),
     }
 
 
-def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> Iterator[dict[str, Any]]:
-    for case in cases:
-        yield _case_view(case, assets)
+def _expected_class(case: Mapping[str, Any], labels: Mapping[int, str]) -> str | None:
+    """The class a case is about, for the per-class summary: the top-1 it expects, else its focus target."""
+    for ch in case["checks"]:
+        for m in ch["metrics"]:
+            if m.get("name") == "top1" and m.get("threshold") is not None:
+                return _label_of(m["threshold"], labels).split(" (#")[0]
+    expected = [t for t in case["top_k"] if t.get("expected")]
+    if expected:
+        return str(expected[0]["label"])
+    return None
 
 
-def _run_view(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _baseline_view(b: Mapping[str, Any] | None, case: Mapping[str, Any], labels: Mapping[int, str]) -> Any:
+    """Then/now top-k rows side by side (the baseline's k), the class both maps show, what recorded it."""
+    if not b:
+        return None
+    then = list(b.get("top_k_then") or [])
+    now = list(case["top_k"][:len(then) or None])
+    rows = []
+    for i in range(max(len(then), len(now)) if then else 0):
+        t = then[i] if i < len(then) else None
+        n = now[i] if i < len(now) else None
+        rows.append({"rank": i + 1, "then": t, "now": n,
+                     "changed": bool(t and n and int(t["index"]) != int(n["index"]))})
+    target = b.get("target")
+    return {**b, "rows": rows, "target_label": _label_of(target, labels) if target is not None else None}
+
+
+def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
+    """Card views in the page's default order: failures first, then errors, skips, passes; within an
+    outcome the smallest worst margin first (the case nearest to failing leads)."""
+    views = [_case_view(case, assets) for case in cases]
+    rank = {"failed": 0, "error": 1, "skipped": 2, "passed": 3}
+
+    def key(v: dict[str, Any]) -> tuple:
+        margins = [k for _, k in v["worst"].values() if k != NO_MARGIN]
+        return rank.get(v["outcome"], 1), min(margins) if margins else 1e9
+    views.sort(key=key)
+    return views
+
+
+def _kinds(views: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The check kinds of the run, in the order they first appear (one column each in the case table)."""
+    return list(dict.fromkeys(kind for v in views for kind in v["worst"]))
+
+
+def _class_summary(views: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per expected class: cases, top-1 accuracy (prediction checks passed), focus checks passed,
+    mean energy inside the region — the first place QA looks for a class the model gets wrong."""
+    classes: dict[str, dict[str, Any]] = {}
+    for v in views:
+        name = v["expected_class"] or "(no expected class)"
+        row = classes.setdefault(name, {"label": name, "cases": 0, "pred": [0, 0], "focus": [0, 0], "energy": []})
+        row["cases"] += 1
+        for ch in v["case"]["checks"]:
+            slot = {"prediction": "pred", "focus": "focus"}.get(ch["kind"])
+            if slot and ch["outcome"] in ("passed", "failed"):
+                row[slot][1] += 1
+                row[slot][0] += ch["outcome"] == "passed"
+        if v["energy"] is not None:
+            row["energy"].append(float(v["energy"]))
+    out = []
+    for row in classes.values():
+        p, f = row["pred"], row["focus"]
+        out.append({"label": row["label"], "cases": row["cases"],
+                    "accuracy": f"{p[0]}/{p[1]}" if p[1] else "—", "accuracy_sort": p[0] / p[1] if p[1] else 2,
+                    "focus": f"{f[0]}/{f[1]}" if f[1] else "—", "focus_sort": f[0] / f[1] if f[1] else 2,
+                    "energy": f"{statistics.fmean(row['energy']):.2f}" if row["energy"] else "—"})
+    out.sort(key=lambda r: (r["accuracy_sort"], r["focus_sort"], r["label"]))
+    return out
+
+
+def _run_view(run: Mapping[str, Any], views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts of CASES per outcome (what the filter buttons show and select), and of checks for the line
+    under them."""
     counts = {k: 0 for k in OUTCOME_ORDER}
-    counts.update({k: int(v) for k, v in (run.get("counts") or {}).items()})
-    if not run.get("counts"):
-        for c in cases:
-            counts[c.get("outcome") or "error"] = counts.get(c.get("outcome") or "error", 0) + 1
-    return {"run": run, "counts": counts, "total": len(cases), "models": run.get("models") or [],
-            "versions": run.get("versions") or {}}
+    for v in views:
+        counts[v["outcome"]] = counts.get(v["outcome"], 0) + 1
+    check_counts = {k: 0 for k in OUTCOME_ORDER}
+    for v in views:
+        for ch in v["case"]["checks"]:
+            check_counts[ch["outcome"] or "error"] = check_counts.get(ch["outcome"] or "error", 0) + 1
+    models = []
+    for m in run.get("models") or []:
+        source = str(m.get("source") or "")
+        if m.get("checkpoint"):
+            weights = f"checkpoint {m.get('checkpoint')}"
+        elif source.startswith("zoo"):
+            weights = "shipped weights"
+        elif m.get("weights"):
+            weights = f"weights {m.get('weights')}"
+        else:
+            weights = "random init"
+        models.append({**m, "weights_text": weights})
+    return {"run": run, "counts": counts, "check_counts": check_counts, "total": len(views), "models": models,
+            "versions": run.get("versions") or {}, "duration": _run_seconds(run.get("duration_s"))}
+
+
+def _run_seconds(seconds: Any) -> str:
+    s = float(seconds or 0.0)
+    return f"{s:.2f} s" if s < 10 else f"{s:,.1f} s"
 
 
 def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[str]) -> str:
@@ -946,7 +1206,9 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
         assets = _Assets(out_dir, self_contained,
                          {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
         template = _env().get_template("report.html")
-        html = template.generate(**_run_view(run, cases), cases=_views(cases, assets), run_id=run_id,
+        views = _views(cases, assets)
+        html = template.generate(**_run_view(run, views), cases=views, kinds=_kinds(views),
+                                 classes=_class_summary(views), run_id=run_id,
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),
                                  schema_version=SCHEMA_VERSION)
         html_tmp = _write_temp(out_dir, ".index-", html, temps)

@@ -110,6 +110,7 @@ class ResultCollector:
         target = observation.target
         record.update(
             image_size=list(e.image_size),
+            k=case.top_k,
             top_k=[{"index": r.index, "label": r.label, "prob": r.prob, "expected": r.index in prepared.expected_labels}
                    for r in e.top_k[:max(case.top_k, 5)]],
             target={"index": target, "label": engine.label(target)},
@@ -120,12 +121,15 @@ class ResultCollector:
                        "shown": min(f.max_channels or _default_channels(f.layer, e), e.features[f.layer].shape[0])}
                       for f in case.features],
             observe_s=observation.seconds)
-        baseline_heat = None
+        baseline_heat = baseline_now_heat = None
         if prepared.baseline_then is not None:
             from audit.baselines import deltas
 
-            record["baseline"] = deltas(prepared.baseline_then, audit.baseline_now(observation))
-            baseline_heat = prepared.baseline_then.heatmap.astype(np.float32)
+            then = prepared.baseline_then
+            record["baseline"] = {**deltas(then, audit.baseline_now(observation)),
+                                  "top_k_then": [dict(t) for t in then.top_k], "target": int(then.target)}
+            baseline_heat = then.heatmap.astype(np.float32)
+            baseline_now_heat = e.cams_lowres.get(int(then.target))
         if self.asset_dir is not None:
             from audit import report
 
@@ -134,7 +138,8 @@ class ResultCollector:
                 prepared.region_outlines, prepared.avoid_outlines, e.geometry.seen_box,
                 {f.layer: e.features[f.layer] for f in case.features},
                 {f.layer: f.max_channels or _default_channels(f.layer, e) for f in case.features},
-                colormap=self.colormap, baseline_heat=baseline_heat)
+                colormap=self.colormap, baseline_heat=baseline_heat, baseline_now_heat=baseline_now_heat,
+                mark_peak=bool(focus and focus.pointing_game))
         return record
 
     # -- controller: rebuild from reports --------------------------------------------------------

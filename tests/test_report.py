@@ -546,14 +546,14 @@ def three_cases(asset_dir: Path) -> list[dict]:
             make_case(asset_dir, "broken-03", "error", with_assets=False)]
 
 
-def test_write_report_has_one_card_per_case_in_spec_order(report_dir):
+def test_write_report_has_one_card_per_case_failures_first(report_dir):
     out, run_id, asset_dir = report_dir
     cases = three_cases(asset_dir)
     index = R.write_report(out, run_dict(), cases, run_id)
     assert index == out / "index.html"
     found = cards(parse(index))
-    assert [c.attrs["data-outcome"] for c in found] == ["failed", "passed", "error"]
-    assert [c.attrs["data-case-id"] for c in found] == ["circle-01", "circle-02", "broken-03"]
+    assert [c.attrs["data-outcome"] for c in found] == ["failed", "error", "passed"]
+    assert [c.attrs["data-case-id"] for c in found] == ["circle-01", "broken-03", "circle-02"]
     assert "specs/shapes/basic.yaml:12" in found[0].all_text()
 
 
@@ -597,11 +597,13 @@ def test_write_report_shows_top_k_metrics_baseline_and_grids(report_dir):
     assert bars == ["width: 70.0%", "width: 20.0%", "width: 10.0%"]
     metrics = [m for m in card.iter("table") if m.has_class("metrics")]
     cells = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(metrics[0].iter("tbody")).iter("tr")]
-    assert cells == [["energy_inside", "0.31", ">=", "0.5", "FAIL"], ["pointing_game", "1", ">=", "1", "pass"]]
+    assert cells == [["energy_inside", "0.31", ">=", "0.5", "-0.190", "FAIL"],
+                     ["pointing_game", "1.00", ">=", "1", "+0.000", "pass"]]
     pres = [p.all_text() for p in card.iter("pre")]
     assert "energy inside the region 0.31 < 0.5" in pres
     baseline = next(s for s in card.iter("section") if s.has_class("baseline"))
-    assert "0.93" in baseline.all_text() and "circle → circle" in baseline.all_text()
+    assert "circle → circle" in baseline.all_text()
+    assert not [t for t in baseline.iter("table") if t.has_class("metrics")]   # the check's table says it once
     grid = next(s for s in card.iter("section") if s.has_class("grid"))
     assert "features.4: 12 maps of 16×16, showing 12" in grid.all_text()
 
@@ -609,16 +611,19 @@ def test_write_report_shows_top_k_metrics_baseline_and_grids(report_dir):
 def test_write_report_shows_errors_prominently_and_run_header(report_dir):
     out, run_id, asset_dir = report_dir
     root = parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id))
-    err = cards(root)[2]
+    err = next(c for c in cards(root) if c.attrs["data-outcome"] == "error")
     assert [p.all_text() for p in err.iter("pre") if p.has_class("error-message")] == [
         "ImageError: specs/shapes/img/c.png: truncated file"]
     header = next(h for h in root.iter("header") if h.has_class("run"))
     text = header.all_text()
-    for needle in ["shapes_vgg", "weights DEFAULT", "0123456789ab", "squash", "torch 2.3.0",
-                   "torchvision 0.18.0", "model-audit 0.1.0", "4.25 s", "1 failed", "1 errors", "1 passed"]:
+    for needle in ["shapes_vgg", "shipped weights", "0123456789ab", "squash", "torch 2.3.0",
+                   "torchvision 0.18.0", "model-audit 0.1.0", "4.25 s", "1 failed", "1 error", "1 passed"]:
         assert needle in text, needle
+    assert "1 errors" not in text
     assert "0123456789abcdef0123" not in text    # fingerprint shortened
-    filters = [b.attrs["data-filter"] for b in header.iter("button")]
+    assert "weights DEFAULT" not in text          # a zoo model's weights are the ones it ships with
+    nav = next(n for n in root.iter("nav") if n.has_class("filters"))
+    filters = [b.attrs["data-filter"] for b in nav.iter("button")]
     assert filters == ["all", "failed", "error", "passed", "skipped"]
 
 
