@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-CASE_PROP = "model_audit_case"
-CHECK_PROP = "model_audit_check"
+from audit.outcomes import CASE_PROP, CHECK_PROP, records_of  # noqa: E402  (records ride on reports)
 _ORDER = {"error": 3, "failed": 2, "skipped": 1, "passed": 0}
 
 
@@ -144,7 +143,7 @@ class ResultCollector:
 
     # -- controller: rebuild from reports --------------------------------------------------------
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        props = dict(report.user_properties)
+        props = records_of(report)
         if CASE_PROP not in props:
             return
         case = _case_from_json(props[CASE_PROP])
@@ -211,12 +210,12 @@ class ResultCollector:
         if self.cases:
             counts = self.counts()
             s = self.stats
-            lines.append(f"model-audit: {len(self.cases)} cases; checks: {counts['passed']} passed, "
-                         f"{counts['failed']} failed, {counts['error']} errors, {counts['skipped']} skipped; "
-                         f"{int(s.get('model_loads', 0))} model loads, {int(s.get('images', 0))} images in "
-                         f"{int(s.get('forward_passes', 0))} forward passes")
+            lines.append(f"model-audit: {_n(len(self.cases), 'case')}; checks: {counts['passed']} passed, "
+                         f"{counts['failed']} failed, {_n(counts['error'], 'error')}, {counts['skipped']} skipped; "
+                         f"{_n(int(s.get('model_loads', 0)), 'model load')}, {_n(int(s.get('images', 0)), 'image')} "
+                         f"in {_n(int(s.get('forward_passes', 0)), 'forward pass', 'forward passes')}")
         for reason, n in self.skip_reasons.items():
-            lines.append(f"model-audit: {n} checks did not run: {reason} "
+            lines.append(f"model-audit: {_n(n, 'check')} did not run: {reason} "
                          f"(use --audit-strict to make this an error)")
         if self.report_path is not None:
             lines.append(f"model-audit report: {self.report_path}")
@@ -224,6 +223,11 @@ class ResultCollector:
             lines.append(f"model-audit: the report could not be written ({self.report_error}); "
                          f"the previous report was left in place")
         return lines
+
+
+def _n(count: int, singular: str, plural: str | None = None) -> str:
+    """"1 case", "2 cases", "1 forward pass"."""
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
 
 
 @functools.lru_cache(maxsize=64)

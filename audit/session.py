@@ -315,6 +315,8 @@ class AuditSession:
                 try:
                     mask = regions.region_mask(list(value), size, base)
                     setattr(prepared, outlines, regions.region_outline(list(value), size, base))
+                    regions.check_seen(mask, regions.seen_box(size, engine.loaded.preprocessing[ref.model.preprocess]),
+                                       regions.describe(list(value)), attr)
                 except SpecError as exc:
                     raise exc.located(path, case.line_of(key), f"{_key(case)}.{key}")
                 setattr(prepared, "focus_region" if attr == "region" else "avoid_region", mask)
