@@ -72,12 +72,14 @@ def _label(index: Any, label_of: Callable[[int], str]) -> str:
 
 
 def failure_text(path: Any, line: int | None, case_id: str, kind: str, result: Any,
-                 label_of: Callable[[int], str]) -> FailureText:
+                 label_of: Callable[[int], str], one_line: bool = False) -> FailureText:
     """First line: the failing metrics; second: where ("spec.yaml:16: circle-01 [focus] failed"); then
-    the check's own message."""
+    the check's own message. ``one_line`` (``--tb=line``): the metrics line only, as pytest shows the
+    exception line of a plain test before its crash location."""
     failing = [metric_text(m, label_of) for m in result.metrics if not m.passed]
     headline = "; ".join(failing) or result.message.splitlines()[0]
-    text = FailureText(f"{headline}\n{path}:{line}: {case_id} [{kind}] failed\n{result.message}")
+    body = headline if one_line else f"{headline}\n{path}:{line}: {case_id} [{kind}] failed\n{result.message}"
+    text = FailureText(body)
     text.reprcrash = _Crash(str(path), line, f"{case_id} [{kind}]: {headline}")
     return text
 

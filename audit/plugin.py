@@ -291,7 +291,8 @@ class CheckItem(pytest.Item):
             case = self.ref.case
             line = case.line_of("expect" if self.kind == "prediction" else self.kind)
             label_of = _audit(self.config).engine(self.ref.model).label
-            return failure_text(self.ref.spec.path, line, case.id, self.kind, excinfo.value.result, label_of)
+            return failure_text(self.ref.spec.path, line, case.id, self.kind, excinfo.value.result, label_of,
+                                one_line=self.config.getoption("tbstyle", "auto") == "line")
         if isinstance(excinfo.value, AuditError):
             return str(excinfo.value)
         return super().repr_failure(excinfo)

@@ -1,0 +1,191 @@
+"""The gate as a new user meets it: the README's tutorial, regions the model never sees, what the
+terminal and a CI screen (JUnit XML) show of a failure."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from audit import regions
+from audit.errors import SpecError
+from audit.images import Preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = REPO / "specs" / "shapes" / "images"
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")
+
+
+def tutorial_spec() -> str:
+    """The YAML of the README's tutorial, step 3, exactly as printed there."""
+    readme = (REPO / "README.md").read_text()
+    step = readme[readme.index("3. Edit the spec"):]
+    block = step[step.index("```yaml") + len("```yaml"):]
+    return textwrap.dedent(block[:block.index("```")])
+
+
+def photo(path: Path, size=(400, 300), seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, int]:
+    return {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed", "errors", "error",
+                                                                      "skipped")}
+
+
+# -- the tutorial ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tutorial_spec_runs_as_written_on_a_random_init_model(pytester, monkeypatch, tmp_path):
+    """Only the weights change (the test machine has no ResNet-50 weights): every label resolves, every
+    region is seen by the model, so each check runs and passes or fails; none errors or is skipped."""
+    text = tutorial_spec()
+    assert "weights: DEFAULT" in text
+    spec = yaml.safe_load(text)
+    assert spec["model"]["preprocess"] == "weights"
+    (pytester.path / "animals.yaml").write_text(text.replace("weights: DEFAULT", "weights: null\n  seed: 0"))
+    photo(pytester.path / "images" / "cat.jpg")
+    monkeypatch.setenv("MODEL_AUDIT_OFFLINE", "1")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    counts = outcomes(result)
+    assert counts.get("errors", 0) == counts.get("error", 0) == counts.get("skipped", 0) == 0, result.stdout.str()
+    assert counts.get("passed", 0) + counts.get("failed", 0) == 2     # prediction and focus
+
+
+def test_tutorial_regions_lie_inside_what_the_centre_crop_keeps():
+    spec = yaml.safe_load(tutorial_spec())
+    focus = spec["cases"][0]["focus"]
+    crop = Preprocessing(mode="weights", size=224, resize=232, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         interpolation="bilinear")
+    for w, h in [(400, 300), (300, 400), (640, 480), (500, 500)]:
+        seen = regions.seen_box((w, h), crop)
+        for role in ("region", "avoid"):
+            mask = regions.region_mask(focus[role], (w, h), ".")
+            regions.check_seen(mask, seen, regions.describe(focus[role]), role)   # raises if unseen
+
+
+# -- regions the model never sees ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (224, 224), (1000, 333), (257, 900), (64, 64)])
+@pytest.mark.parametrize("resize, crop", [(256, 224), (232, 224), (342, 299), (224, 224)])
+def test_seen_box_is_the_box_the_preprocessing_reports(size, resize, crop):
+    prep = Preprocessing(mode="weights", size=crop, resize=resize, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         interpolation="bilinear")
+    _, geometry = prep.to_tensor(Image.new("RGB", size))           # the oracle: what the engine uses
+    assert regions.seen_box(size, prep) == pytest.approx(geometry.seen_box)
+
+
+def test_squash_sees_the_whole_image():
+    prep = Preprocessing(mode="squash", size=224, resize=None, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         interpolation="bilinear")
+    assert regions.seen_box((400, 300), prep) == (0.0, 0.0, 400.0, 300.0)
+
+
+def test_region_outside_the_seen_box_is_refused_and_one_pixel_inside_is_not():
+    seen = (54.4, 5.2, 344.3, 294.8)
+    corner = regions.region_mask({"box_rel": [0.9, 0.0, 1.0, 1.0]}, (400, 300), ".")   # x 360..400
+    with pytest.raises(SpecError, match=r"box_rel \[0.9, 0, 1, 1\] lies entirely outside the part of the "
+                                        r"400x300 image the model sees \(x 54.4..344.3, y 5.2..294.8.*"
+                                        r"would always pass; move it inside"):
+        regions.check_seen(corner, seen, regions.describe({"box_rel": [0.9, 0.0, 1.0, 1.0]}), "avoid")
+    with pytest.raises(SpecError, match="would never pass"):
+        regions.check_seen(corner, seen, "box", "region")
+    edge = regions.region_mask({"box": [343, 0, 400, 300]}, (400, 300), ".")   # pixel 343's centre 343.5 is seen
+    regions.check_seen(edge, seen, "box", "avoid")
+    beyond = regions.region_mask({"box": [344, 0, 400, 300]}, (400, 300), ".")  # 344.5 is not
+    with pytest.raises(SpecError):
+        regions.check_seen(beyond, seen, "box", "avoid")
+
+
+@pytest.mark.slow
+def test_avoid_region_the_centre_crop_removes_is_a_setup_error_at_its_line(pytester, monkeypatch):
+    photo(pytester.path / "images" / "wide.png", (400, 200))
+    spec = {"model": {"arch": "resnet18", "weights": None, "seed": 0, "preprocess": "weights"},
+            "cases": [{"id": "wide", "image": "images/wide.png",
+                       "focus": {"region": {"box_rel": [0.3, 0.2, 0.7, 0.8]},
+                                 "avoid": {"box_rel": [0.9, 0.9, 1, 1]}}},
+                      {"id": "fine", "image": "images/wide.png",
+                       "focus": {"region": {"box_rel": [0.3, 0.2, 0.7, 0.8]}, "min_energy": 0.0}}]}
+    (pytester.path / "crop.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.setenv("MODEL_AUDIT_OFFLINE", "1")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*crop.yaml:*cases[[]0[]].focus.avoid*box_rel [[]0.9, 0.9, 1, 1[]] lies entirely "
+                                 "outside the part of the 400x200 image the model sees*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+# -- the terminal and JUnit ------------------------------------------------------------------------
+
+@pytest.fixture
+def failing_spec(pytester) -> Path:
+    """Two shipped scenes: one passes, one expects its focus where the object is not."""
+    found = sorted(json.loads((SHAPES / "boxes.json").read_text()).items())
+    (pytester.path / "images").mkdir()
+    cases = []
+    for i, (name, meta) in enumerate(found[:2]):
+        shutil.copy(SHAPES / name, pytester.path / "images" / name)
+        box = meta["box"] if i == 0 else [0, 0, 8, 8]
+        cases.append({"id": Path(name).stem, "image": f"images/{name}", "expect": {"top1": meta["label"]},
+                      "focus": {"region": {"box": box}, "min_energy": 0.3}})
+    path = pytester.path / "gate.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "shapes_vgg"}, "cases": cases}, sort_keys=False))
+    return path
+
+
+def test_tb_line_and_short_summary_show_the_failing_metric(pytester, failing_spec):
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tb=line", "-rf")
+    result.assert_outcomes(passed=3, failed=1)
+    out = result.stdout.str()
+    crash = [line for line in result.stdout.lines if re.match(r"\S*gate\.yaml:\d+: ", line)]
+    assert len(crash) == 1 and re.search(r"gate\.yaml:\d+: \S+ \[focus\]: energy_inside=0\.\d+ >= 0\.30 FAIL$",
+                                         crash[0]), out
+    assert "focus of " not in out          # --tb=line: no long message
+    summary = [line for line in result.stdout.lines if line.startswith("FAILED ")]
+    assert len(summary) == 1 and "::focus - energy_inside=" in summary[0], out
+
+
+def test_tb_line_under_xdist_keeps_the_failing_metric_within_its_50_characters(pytester, failing_spec):
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tb=line", "-n", "2")
+    result.assert_outcomes(passed=3, failed=1)
+    assert any(line.startswith("energy_inside=0.") and "FAIL" in line for line in result.stdout.lines), \
+        result.stdout.str()
+
+
+def test_summary_says_1_case_and_1_forward_pass(pytester, failing_spec):
+    spec = yaml.safe_load(failing_spec.read_text())
+    spec["cases"] = spec["cases"][:1]
+    failing_spec.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["model-audit: 1 case; checks: 2 passed, 0 failed, 0 errors, 0 skipped; "
+                                 "1 model load, 1 image in 1 forward pass"])
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_junit_xml_has_flat_properties_and_no_json_records(pytester, failing_spec, tmp_path, workers):
+    xml = tmp_path / "junit.xml"
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--junitxml={xml}", "--audit-report",
+                                str(tmp_path / "rep"), *workers)
+    result.assert_outcomes(passed=3, failed=1)
+    cases = {f'{tc.get("classname")}.{tc.get("name")}': {p.get("name"): p.get("value") for p in tc.iter("property")}
+             for tc in ET.parse(xml).getroot().iter("testcase")}
+    assert len(cases) == 4
+    for name, props in cases.items():
+        assert not any(k.startswith("model_audit") for k in props), (name, props)
+        assert all(len(v) < 200 for v in props.values()), props
+        assert re.fullmatch(r"[a-z]+", props["top1"]) and 0 < float(props["top1_prob"]) <= 1
+    focus = [p for n, p in cases.items() if n.endswith("focus")]
+    assert all(0 <= float(p["energy_inside"]) <= 1 for p in focus)
+    # the report still gets every record through the reports (the controller rebuilds the cases)
+    data = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert len(data["cases"]) == 2 and all(len(c["checks"]) == 2 for c in data["cases"])
