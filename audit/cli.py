@@ -288,6 +288,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if choice.labels:
         model["labels"] = _path_for_spec(Path(choice.labels), args.relative_to)
     cases = []
+    notes: list[str] = []   # per case: how its focus box was drawn, or why there is none
     used: set[str] = set()
     for path, e in zip(paths, explanations):
         top = e.top_k
@@ -300,13 +301,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if floor > 0:
             expect["min_prob"] = floor
         case["expect"] = expect
-        heat = e.cams[top[0].index]
-        if heat.size and float(heat.max()) > 0:
-            ys, xs = np.nonzero(heat >= 0.5 * float(heat.max()))
-            box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-            mask = regions.region_mask({"box": box}, e.image_size, ".")
-            energy = checks.energy_inside(heat, mask)
-            case["focus"] = {"region": {"box": box}, "min_energy": _floor2(energy - args.energy_margin)}
+        focus, note = _suggest_focus(e.cams[top[0].index], e.image_size, e.geometry.seen_box, args.energy_margin,
+                                     top[0].label)
+        if focus is not None:
+            case["focus"] = focus
+        else:
+            _say(f"{PROG}: snapshot: {path}: no focus region suggested: {note}", err=True)
+        notes.append(note)
         cases.append(case)
     where = (f"relative to {args.relative_to}" if args.relative_to
              else "as given: save this spec in the current directory")
@@ -316,8 +317,64 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
               f"# and --energy-margin {args.energy_margin:g}; image paths are {where}.\n")
     body = yaml.dump({"model": model, "cases": cases}, Dumper=_spec_dumper(), sort_keys=False, allow_unicode=True,
                      width=100)
-    sys.stdout.write(header + body)
+    sys.stdout.write(header + _with_notes(body, notes))
     return 0
+
+
+# A suggested box must say something about this image: the bounding box of the hot part (>= half the
+# maximum) when it covers at most this share of what the model saw, and only with an energy floor that
+# a heatmap spread evenly over that part would not reach (else the check could not fail for a reason).
+MAX_BOX_SHARE = 0.5
+
+
+def _suggest_focus(heat, image_size, seen_box, margin: float, label: str) -> tuple[dict | None, str]:
+    """(focus block or None, one line: how the box was drawn, or why none is suggested)."""
+    import numpy as np
+
+    from audit import checks, regions
+
+    if not heat.size or not float(heat.max()) > 0:
+        return None, f"the Grad-CAM map of {label} is zero everywhere"
+    ys, xs = np.nonzero(heat >= 0.5 * float(heat.max()))
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    mask = regions.region_mask({"box": box}, image_size, ".")
+    x0, y0, x1, y1 = seen_box
+    seen_area = max(1.0, (x1 - x0) * (y1 - y0))
+    cx0, cy0, cx1, cy1 = max(box[0], x0), max(box[1], y0), min(box[2], x1), min(box[3], y1)
+    share = max(0.0, cx1 - cx0) * max(0.0, cy1 - cy0) / seen_area
+    energy = checks.energy_inside(heat, mask)
+    floor = _floor2(energy - margin)
+    drawn = (f"box = bounding box of the heat >= 0.5 x its maximum for {label} (covers {share:.0%} of what the "
+             f"model sees; {energy:.0%} of the heat inside today)")
+    if share > MAX_BOX_SHARE:
+        return None, (f"the heat >= 0.5 x its maximum for {label} spreads over {share:.0%} of what the model sees "
+                      f"(nothing discriminative: a box that large cannot fail); draw the region yourself")
+    if floor <= share:
+        return None, (f"{energy:.0%} of the heat lies in the hot box, and min_energy {floor:.2f} (minus the "
+                      f"margin) would not beat an even heatmap over a box of {share:.0%} of the image; "
+                      f"draw the region yourself")
+    return {"region": {"box": box}, "min_energy": floor}, drawn
+
+
+def _with_notes(body: str, notes: list[str]) -> str:
+    """The YAML with each case's note as a comment: above its focus block, or above its id when there
+    is none (yaml.dump writes no comments; each case has one ``- id:`` line and at most one ``focus:``)."""
+    import re
+
+    lines, out, case = body.splitlines(keepends=True), [], -1
+    pending = None
+    for line in lines:
+        if re.match(r"^- id: ", line):
+            case += 1
+            pending = notes[case] if case < len(notes) else None
+            if pending is not None and "box = " not in pending:
+                out.append(f"# no focus suggested: {pending}\n")
+                pending = None
+        elif pending is not None and re.match(r"^  focus:", line):
+            out.append(f"  # {pending}\n")
+            pending = None
+        out.append(line)
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------- weights

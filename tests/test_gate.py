@@ -189,3 +189,49 @@ def test_junit_xml_has_flat_properties_and_no_json_records(pytester, failing_spe
     # the report still gets every record through the reports (the controller rebuilds the cases)
     data = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert len(data["cases"]) == 2 and all(len(c["checks"]) == 2 for c in data["cases"])
+
+
+# -- model-audit snapshot --------------------------------------------------------------------------
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 300):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MODEL_AUDIT_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "audit.cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_snapshot_of_a_random_model_suggests_no_region_that_cannot_fail(tmp_path):
+    """The reported case: random-init resnet50 on a 512x600 image spread its heat over the whole image
+    and snapshot wrote the whole image as the box with min_energy 0.9."""
+    from audit.spec import load_spec
+
+    photo(tmp_path / "noise.png", (512, 600))
+    result = cli("snapshot", str(tmp_path / "noise.png"), "--model", "resnet50", "--weights", "none",
+                 "--relative-to", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    raw = yaml.safe_load(result.stdout)["cases"][0]
+    assert "focus" not in raw
+    assert "no focus region suggested" in result.stderr and "nothing discriminative" in result.stderr
+    assert "# no focus suggested: " in result.stdout
+    (tmp_path / "snap.yaml").write_text(result.stdout)
+    assert load_spec(tmp_path / "snap.yaml").case_errors == ()
+
+
+@pytest.mark.skipif(not (REPO / "audit" / "zoo" / "weights" / "shapes_vgg.pt").is_file(), reason="zoo weights")
+def test_snapshot_boxes_are_smaller_than_the_image_beat_an_even_heatmap_and_say_how_they_were_drawn(tmp_path):
+    images = sorted(str(p) for p in SHAPES.glob("*-01.png"))
+    result = cli("snapshot", *images, "--model", "shapes_vgg")
+    assert result.returncode == 0, result.stderr
+    cases = yaml.safe_load(result.stdout)["cases"]
+    with_focus = [c for c in cases if "focus" in c]
+    assert with_focus, result.stdout
+    for c in with_focus:
+        x0, y0, x1, y1 = c["focus"]["region"]["box"]
+        share = (x1 - x0) * (y1 - y0) / (64 * 64)
+        assert share <= 0.5 and c["focus"]["min_energy"] > share, c
+    comments = [line for line in result.stdout.splitlines() if line.strip().startswith("# box = bounding box")]
+    assert len(comments) == len(with_focus)
