@@ -235,3 +235,109 @@ def test_snapshot_boxes_are_smaller_than_the_image_beat_an_even_heatmap_and_say_
         assert share <= 0.5 and c["focus"]["min_energy"] > share, c
     comments = [line for line in result.stdout.splitlines() if line.strip().startswith("# box = bounding box")]
     assert len(comments) == len(with_focus)
+
+
+# -- model-audit compare ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compare_specs(tmp_path_factory, grace_hopper_path) -> Path:
+    """A spec whose model block names a squeezenet checkpoint and a labels file, on three drawn scenes
+    and a photograph, each with a focus region."""
+    import torch
+    import torchvision
+
+    from audit.zoo.scenes import make_scene
+
+    folder = tmp_path_factory.mktemp("compare")
+    (folder / "images").mkdir()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        torch.save(torchvision.models.squeezenet1_1().state_dict(), folder / "tuned.pt")
+    (folder / "labels.json").write_text(json.dumps([f"thing {i}" for i in range(1000)]))
+    shutil.copy(grace_hopper_path, folder / "images" / "hopper.jpg")
+    cases = [{"id": "hopper", "image": "images/hopper.jpg", "focus": {"region": {"box_rel": [0.2, 0.1, 0.8, 0.7]}}}]
+    for seed in range(3):
+        scene = make_scene(seed)
+        scene.image.save(folder / "images" / f"s{seed}.png")
+        cases.append({"id": f"s{seed}", "image": f"images/s{seed}.png", "focus": {"region": {"box": list(scene.box)},
+                                                                                  "avoid": {"box": [0, 0, 6, 6]}}})
+    spec = {"model": {"arch": "squeezenet1_1", "checkpoint": "tuned.pt", "labels": "labels.json"}, "cases": cases}
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+@pytest.mark.slow
+def test_compare_uses_the_specs_checkpoint_and_labels_and_fails_on_flips(compare_specs, tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("compare", str(compare_specs / "spec.yaml"), "--b", "squeezenet1_1:none", "--out", str(out),
+                 "--fail-on", "flip")
+    data = json.loads((out / "compare.json").read_text())
+    assert "checkpoint" in data["a"]["source"] and "tuned.pt" in data["a"]["source"]
+    assert "random init" in data["b"]["source"]
+    for c in data["cases"]:     # both sides have the spec's arch: the spec's labels name their classes
+        assert c["top1_a"]["label"] == f"thing {c['top1_a']['index']}"
+        assert c["top1_b"]["label"] == f"thing {c['top1_b']['index']}"
+        assert len(c["top_k_a"]) == len(c["top_k_b"]) == 5
+    flips = [c["case_id"] for c in data["cases"] if c["flip"]]
+    assert flips, "two different random squeezenets should disagree somewhere"
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"--fail-on flip: FAILED ({len(flips)} case" in result.stderr
+    assert data["fail_on"] == [{"rule": "flip", "passed": False, "cases": flips}]
+
+
+@pytest.mark.slow
+def test_compare_of_a_model_with_itself_passes_its_fail_on_rules(compare_specs, tmp_path):
+    result = cli("compare", str(compare_specs / "spec.yaml"), "--a", "spec", "--b", "spec",
+                 "--out", str(tmp_path / "same"), "--fail-on", "flip", "--fail-on", "correlation<0.99")
+    assert result.returncode == 0, result.stderr
+    assert "--fail-on flip: passed (ok)" in result.stdout + result.stderr
+    assert "--fail-on correlation<0.99: passed (ok)" in result.stdout + result.stderr
+
+
+def test_compare_refuses_a_fail_on_rule_it_does_not_know(compare_specs):
+    result = cli("compare", str(compare_specs / "spec.yaml"), "--b", "spec", "--fail-on", "corr<0.5")
+    assert result.returncode == 2 and "write flip, flips>N or correlation<X" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_compare_page_has_the_report_cards_and_b_never_wraps_under_a_at_1400px(compare_specs, tmp_path):
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("/usr/bin/chromium not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "cmp"
+    result = cli("compare", str(compare_specs / "spec.yaml"), "--b", "squeezenet1_1:none", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "compare.json").read_text())
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto((out / "index.html").as_uri())
+        page.evaluate("Array.from(document.images).forEach(i => { i.loading = 'eager'; })")
+        page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        boxes = page.evaluate("""Array.from(document.querySelectorAll('article.card')).map(card => {
+            const a = card.querySelector('figure.model-a img').getBoundingClientRect();
+            const b = card.querySelector('figure.model-b img').getBoundingClientRect();
+            return [a.top, a.right, b.top, b.left, card.querySelectorAll('section.topk table').length];
+        })""")
+        assert len(boxes) == len(data["cases"]) == 4
+        for a_top, a_right, b_top, b_left, tables in boxes:
+            assert abs(a_top - b_top) < 1 and b_left >= a_right and tables == 2
+        flips = sum(c["flip"] for c in data["cases"])
+        for name, count in [("all", 4), ("flip", flips), ("same", 4 - flips)]:
+            page.click(f"button[data-filter={name}]")
+            shown = page.eval_on_selector_all("article.card", "cs => cs.filter(c => !c.hidden).length")
+            assert shown == count and page.inner_text(f"button[data-filter={name}]").endswith(f"({count})")
+        page.click("button[data-filter=all]")
+        page.fill("#search", "hopper")
+        assert page.eval_on_selector_all("article.card", "cs => cs.filter(c => !c.hidden).map(c => c.dataset.caseId)") \
+            == ["hopper"]
+        assert problems == []
+        browser.close()
