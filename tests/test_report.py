@@ -737,3 +737,88 @@ def test_report_writer_wraps_the_module_functions(tmp_path):
     run_id, asset_dir = w.new_run_dir()
     index = w.write(run_dict(), [make_case(asset_dir, "a", "passed")])
     assert index.is_file() and (tmp_path / "rep" / "assets" / run_id).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# the page at many cases: numbers as written, margins, labels, one skip line, the case table
+
+
+@pytest.mark.parametrize("threshold, text", [(0.999, "0.999"), (0.5, "0.5"), (0.1, "0.1"), (1, "1"),
+                                             (0.12345, "0.12345"), (1e-05, "1e-05"), (None, "—")])
+def test_thresholds_print_as_they_were_written(threshold, text):
+    assert R.fmt_threshold(threshold) == text
+
+
+@pytest.mark.parametrize("value, threshold, text", [(0.4996, 0.5, "0.4996"), (0.31, 0.5, "0.31"),
+                                                    (0.9985, 0.999, "0.9985"), (0.99, 0.999, "0.990"),
+                                                    (0.5, 0.5, "0.50"), (0.123456, None, "0.12")])
+def test_values_keep_their_relation_to_the_threshold(value, threshold, text):
+    shown = R.fmt_value(value, threshold)
+    assert shown == text
+    if threshold is not None:   # the printed value compares with the threshold as the value does
+        assert (float(shown) < threshold) == (value < threshold) and (float(shown) > threshold) == (value > threshold)
+
+
+@pytest.mark.parametrize("p, text", [(0.9996, "99.96%"), (1.0, "100.0%"), (0.5, "50.0%"), (0.99999, "99.999%")])
+def test_probabilities_never_round_up_to_a_certainty(p, text):
+    assert R.fmt_prob(p) == text
+
+
+def test_case_table_row_has_worst_margin_per_check_and_labels_in_the_top1_metric(report_dir):
+    out, run_id, asset_dir = report_dir
+    case = make_case(asset_dir, "flip-01", "failed")
+    case["k"] = 2
+    case["checks"][0] = {"kind": "prediction", "outcome": "failed", "message": "top1 square", "duration_s": 0.0123,
+                         "metrics": [{"name": "top1", "value": 1, "threshold": 0, "op": "==", "passed": False},
+                                     {"name": "not_in_top_k[2]", "value": False, "threshold": None, "op": "",
+                                      "passed": True},
+                                     {"name": "min_prob", "value": 0.2, "threshold": 0.15, "op": ">=", "passed": True}]}
+    root = parse(R.write_report(out, run_dict(), [case], run_id))
+    table = next(t for t in root.iter("table") if t.attrs.get("id") == "cases")
+    heads = [th.all_text().strip() for th in next(table.iter("thead")).iter("th")]
+    assert heads == ["outcome", "case", "spec", "model", "top-1", "p", "prediction", "focus", "time"]
+    row = next(next(table.iter("tbody")).iter("tr"))
+    cells = [td.all_text().strip() for td in row.iter("td")]
+    assert cells[6] == "FAIL" and cells[7] == "\u22120.190"           # worst margins: a flag, then a number
+    assert cells[8] == "32 ms"                                       # durations in ms
+    card = cards(root)[0]
+    metrics = next(t for t in card.iter("table") if t.has_class("metrics"))
+    rows = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(metrics.iter("tbody")).iter("tr")]
+    assert rows[0][:4] == ["top1", "square (#1)", "==", "circle (#0)"]   # labels, not indices
+    assert rows[1][0] == "not_in_top_k[triangle]"
+    topk = next(s for s in card.iter("section") if s.has_class("topk"))
+    assert next(topk.iter("h3")).all_text().startswith("top-2")        # the spec's k, not the rows shown
+    assert [tr.has_class("beyond") for tr in next(topk.iter("tbody")).iter("tr")] == [False, False, True]
+
+
+def test_a_card_says_each_skip_reason_once(report_dir):
+    out, run_id, asset_dir = report_dir
+    case = make_case(asset_dir, "skip-01", "skipped", with_assets=False)
+    for check in case["checks"]:
+        check.update(outcome="skipped", metrics=[], message="weights vgg16 IMAGENET1K_V1 are not available offline")
+    root = parse(R.write_report(out, run_dict(), [case], run_id))
+    card = cards(root)[0]
+    lines = [p.all_text() for p in card.iter("p") if p.has_class("skip-reason")]
+    assert len(lines) == 1 and "prediction, focus: weights vgg16" in lines[0]
+    assert not [s for s in card.iter("section") if s.has_class("check")]
+
+
+def test_filter_buttons_count_cases_not_checks(report_dir):
+    out, run_id, asset_dir = report_dir
+    cases = [make_case(None, f"c{i}", "failed") for i in range(3)] + [make_case(None, "ok", "passed")]
+    root = parse(R.write_report(out, run_dict({"passed": 4, "failed": 3, "error": 0, "skipped": 0}), cases, run_id))
+    buttons = {b.attrs["data-filter"]: b.all_text() for b in root.iter("button") if "data-filter" in b.attrs}
+    assert buttons["failed"] == "Failed (3)" and buttons["passed"] == "Passed (1)" and buttons["all"] == "All (4)"
+
+
+def test_per_class_summary_counts_top1_and_focus_per_expected_class(report_dir):
+    out, run_id, asset_dir = report_dir
+    a = make_case(None, "a", "failed")
+    b = make_case(None, "b", "passed")
+    for c in (a, b):
+        c["checks"][0]["metrics"] = [{"name": "top1", "value": 0, "threshold": 0, "op": "==", "passed": True}]
+    b["checks"][1]["metrics"][0].update(value=0.8, passed=True)
+    root = parse(R.write_report(out, run_dict(), [a, b], run_id))
+    table = next(t for t in root.iter("table") if t.has_class("classes"))
+    rows = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(table.iter("tbody")).iter("tr")]
+    assert rows == [["circle", "2", "2/2", "1/2", "0.56"]]
