@@ -637,19 +637,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         prob_b = float(eb.probs[ta.index]) if eb.probs is not None and ta.index < len(eb.probs) else None
         energy_a = energy_b = None
         region_desc, region_error, outlines, avoid = None, None, None, None
-        focus = item.case.focus
+        focus = item.case.checks.get("focus")
         if focus is not None and focus.region:
-            region_desc = regions.describe(list(focus.region))
+            region_desc = focus.region.describe()
             try:
-                mask = regions.region_mask(list(focus.region), ea.image_size, item.spec_path.parent)
-                outlines = regions.region_outline(list(focus.region), ea.image_size, item.spec_path.parent)
+                mask = focus.region.mask(ea.image_size, item.spec_path.parent)
+                outlines = focus.region.outline(ea.image_size, item.spec_path.parent)
                 energy_a = checks.energy_inside(ea.cams[ta.index], mask)
                 energy_b = checks.energy_inside(eb.cams[tb.index], mask)
             except AuditError as exc:
                 region_error = str(exc)
         if focus is not None and focus.avoid:
             with contextlib.suppress(AuditError):
-                avoid = regions.region_outline(list(focus.avoid), ea.image_size, item.spec_path.parent)
+                avoid = focus.avoid.outline(ea.image_size, item.spec_path.parent)
         rows.append({"spec": str(item.spec_path), "case_id": str(item.case.id), "image": str(item.case.image),
                      "line": item.case.location.line,
                      "model_a": choice_of["A", n].text, "model_b": choice_of["B", n].text,
@@ -658,7 +658,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      "prob_of_a_top1_under_b": prob_b,
                      "heatmap_correlation": baselines.pearson(ea.cams_lowres[ta.index], eb.cams_lowres[tb.index]),
                      "region": region_desc, "region_error": region_error, "energy_a": energy_a, "energy_b": energy_b,
-                     "avoid": regions.describe(list(focus.avoid)) if focus is not None and focus.avoid else None,
+                     "avoid": focus.avoid.describe() if focus is not None and focus.avoid else None,
                      "_ea": ea, "_eb": eb, "_outlines": outlines, "_avoid": avoid})
     rows.sort(key=lambda r: (not r["flip"], r["heatmap_correlation"]))
     for rank, row in enumerate(rows, 1):

@@ -522,18 +522,19 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                        region_outlines: Iterable | None, avoid_outlines: Iterable | None,
                        seen_box: Sequence[float] | None, features: Mapping[str, np.ndarray] | None,
                        max_channels: Mapping[str, int | None] | None, colormap: str = "jet",
-                       baseline_heat: np.ndarray | None = None, thumb_size: int = 256,
-                       baseline_now_heat: np.ndarray | None = None, mark_peak: bool = False) -> dict[str, Any]:
+                       thumb_size: int = 256, extra: Mapping[tuple[str, str], Any] | None = None,
+                       mark_peak: bool = False) -> dict[str, Any]:
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
     Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
     their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
     (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``.
-    ``baseline_heat`` (the recorded low-res map) and ``baseline_now_heat`` (today's low-res map of the
-    baseline's class) are laid onto the seen box; ``mark_peak`` draws the hottest point on the overlay
-    (pointing-game checks) and records it as ``peak`` (original pixels).
+    The expected and avoid outlines are drawn on the overlay too; ``mark_peak`` draws the hottest point
+    on it (pointing-game checks) and records it as ``peak`` (original pixels).
     Photos and heatmaps are JPEG, feature grids PNG. The files are encoded and written on a background
-    thread: ``flush_assets()`` (called by ``write_report``) waits for them.
+    thread: ``flush_assets()`` (called by ``write_report``) waits for them. ``extra`` holds the check
+    kinds' own pictures (``{(kind, key): Picture}``: an image, a heatmap, or a heatmap over an image),
+    listed under ``out["kinds"][kind][key]``.
     """
     asset_dir = Path(asset_dir)
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -584,13 +585,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
         if peak is not None:
             out["peak"] = [round(peak[0] * rgb.shape[1] / heat.shape[1], 1),
                            round(peak[1] * rgb.shape[0] / heat.shape[0], 1)]
-    # the baseline's map and today's map of the same class, both low-res maps of what the model saw,
-    # laid onto the seen box the same way and both with the crop border: like with like
-    seen_scaled = None if seen_box is None else [float(v) * base_scale for v in seen_box]
-    for key, lowres in (("baseline_heatmap", baseline_heat), ("baseline_now_heatmap", baseline_now_heat)):
-        if lowres is not None:
-            placed = place_in_seen_box(lowres, seen_scaled, base_size)
-            put(key, _crop_border(colorize(placed, colormap), seen_box, base_scale))
+    kinds: dict[str, dict[str, str]] = {}
+    for (kind, key), picture in (extra or {}).items():
+        pixels = _kind_picture(picture, base, base_size, colormap, seen_box, base_scale)
+        if pixels is None:
+            continue
+        name = f"{kind}_{safe_stem(key, 24).replace('-', '_')}"
+        put(name, pixels)
+        kinds.setdefault(kind, {})[key] = out[name]
+        kinds[kind][f"{key}_thumb"] = out[f"{name}_thumb"]
+    out["kinds"] = kinds
     grids: dict[str, str] = {}
     for layer, maps in (features or {}).items():
         maps = np.asarray(maps)
@@ -605,6 +609,28 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     out["sizes"] = sizes
     _WRITER.submit(_save_all, pictures)
     return out
+
+
+def _kind_picture(picture: Any, base: np.ndarray, base_size: tuple[int, int], colormap: str,
+                  seen_box: Sequence[float] | None = None, scale: float = 1.0) -> np.ndarray | None:
+    """The pixels of a check kind's picture: its image (sized like the case's), its heatmap, or both blended.
+
+    A ``seen_only`` heatmap (a low-res map of what the model saw) is laid onto the seen box and gets
+    the crop border, so it reads like the engine's own maps of the case."""
+    image = getattr(picture, "image", None)
+    heat = getattr(picture, "heat", None)
+    if image is None and heat is None:
+        return None
+    rgb = base if image is None else np.asarray(_rgb(image).copy() if image.size == base_size
+                                                else np.asarray(_rgb(image.resize(base_size))))
+    if heat is None:
+        return np.array(rgb)
+    if getattr(picture, "seen_only", False):
+        seen = None if seen_box is None else [float(v) * scale for v in seen_box]
+        colour = _crop_border(colorize(place_in_seen_box(heat, seen, base_size), colormap), seen_box, scale)
+    else:
+        colour = colorize(_resize_heat(heat, base_size), colormap)
+    return colour if image is None else _blend(np.ascontiguousarray(rgb), colour)
 
 
 _COLORBARS: set[str] = set()   # colour bars this process has written (one per run, colormap and height)
@@ -860,7 +886,7 @@ def _spec_folder(spec: str) -> str:
 # Every key the page reads, per kind of record. ``_filled`` gives each missing one the value None, so the
 # template can subscript (``c["error"]``) where ``c.get("error")`` would cost a jinja2 call per use.
 _CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k", "k",
-                            "target", "checks", "regions", "crops", "assets", "baseline", "error", "features"))
+                            "target", "checks", "regions", "crops", "assets", "kinds", "error", "features"))
 _NESTED_KEYS = {
     "checks": dict.fromkeys(("kind", "outcome", "message", "metrics", "duration_s")),
     "top_k": dict.fromkeys(("index", "label", "prob", "expected")),
@@ -868,8 +894,6 @@ _NESTED_KEYS = {
 _METRIC_KEYS = dict.fromkeys(("name", "value", "threshold", "op", "passed"))
 _TARGET_KEYS = dict.fromkeys(("index", "label"))
 _REGIONS_KEYS = dict.fromkeys(("region", "avoid"))
-_BASELINE_KEYS = dict.fromkeys(("heatmap_correlation", "hot_iou", "top1_then", "top1_now", "prob_drift",
-                                "topk_overlap", "recorded_with", "top_k_then", "target"))
 
 
 def _filled(record: Mapping[str, Any] | None, keys: dict[str, None]) -> dict[str, Any] | None:
@@ -885,7 +909,7 @@ def _page_record(case: Mapping[str, Any]) -> dict[str, Any]:
         check["metrics"] = [{**_METRIC_KEYS, **m} for m in check["metrics"] or ()]
     c["target"] = _filled(c["target"], _TARGET_KEYS)
     c["regions"] = _filled(c["regions"], _REGIONS_KEYS)
-    c["baseline"] = _filled(c["baseline"], _BASELINE_KEYS)
+    c["kinds"] = dict(c["kinds"] or {})
     return c
 
 
@@ -1011,6 +1035,27 @@ def _ms(seconds: Any) -> str:
     return f"{ms:.1f} ms" if ms < 10 else f"{ms:,.0f} ms"
 
 
+@functools.lru_cache(maxsize=1)
+def _kind_templates() -> frozenset[str]:
+    """The check kinds that ship a section of their own (``templates/kinds/<name>.html``)."""
+    return frozenset(name[len("kinds/"):-len(".html")] for name in _env().list_templates()
+                     if name.startswith("kinds/") and name.endswith(".html"))
+
+
+def _kind_sections(case: Mapping[str, Any], assets: "_Assets") -> list[dict[str, Any]]:
+    """Each check kind's own part of a card: its data and its pictures, laid out by its template."""
+    pictures = (case["assets"] or {}).get("kinds") or {}
+    sections = []
+    for name in dict.fromkeys([*case["kinds"], *pictures]):
+        if name not in _kind_templates():
+            continue
+        own = pictures.get(name) or {}
+        sections.append({"name": name, "template": f"kinds/{name}.html", "data": case["kinds"].get(name),
+                         "pictures": {k: assets.picture(v, own.get(f"{k}_thumb"))
+                                      for k, v in own.items() if not k.endswith("_thumb")}})
+    return sections
+
+
 def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
     """Everything one card shows, resolved to pictures and plain values (the template only lays out)."""
     case = _page_record(case)
@@ -1023,9 +1068,6 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
                          "picture": assets.picture((a.get("grids") or {}).get(f.get("layer")))})
     nodeid = str(case.get("nodeid") or "")
     labels = {int(t["index"]): str(t["label"]) for t in case["top_k"] if t["index"] is not None}
-    baseline = case["baseline"]
-    for t in (baseline or {}).get("top_k_then") or ():
-        labels.setdefault(int(t["index"]), str(t["label"]))
     if case["target"] and case["target"]["index"] is not None:
         labels.setdefault(int(case["target"]["index"]), str(case["target"]["label"]))
 
@@ -1055,8 +1097,7 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         "heatmap": assets.picture(a.get("heatmap"), a.get("heatmap_thumb")),
         "overlay": assets.picture(a.get("overlay"), a.get("overlay_thumb")),
         "colorbar": assets.picture(a.get("colorbar")),
-        "baseline_heatmap": assets.picture(a.get("baseline_heatmap"), a.get("baseline_heatmap_thumb")),
-        "baseline_now_heatmap": assets.picture(a.get("baseline_now_heatmap"), a.get("baseline_now_heatmap_thumb")),
+        "kinds": _kind_sections(case, assets),
         "peak": a.get("peak"),
         "features": features,
         "duration": _ms(sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or [])),
@@ -1069,7 +1110,6 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         "expected_class": expected_class,
         "energy": energy if isinstance(energy, (int, float)) and not isinstance(energy, bool) else None,
         "search": search,
-        "baseline": _baseline_view(baseline, case, labels),
     }
 
 
@@ -1083,22 +1123,6 @@ def _expected_class(case: Mapping[str, Any], labels: Mapping[int, str]) -> str |
     if expected:
         return str(expected[0]["label"])
     return None
-
-
-def _baseline_view(b: Mapping[str, Any] | None, case: Mapping[str, Any], labels: Mapping[int, str]) -> Any:
-    """Then/now top-k rows side by side (the baseline's k), the class both maps show, what recorded it."""
-    if not b:
-        return None
-    then = list(b.get("top_k_then") or [])
-    now = list(case["top_k"][:len(then) or None])
-    rows = []
-    for i in range(max(len(then), len(now)) if then else 0):
-        t = then[i] if i < len(then) else None
-        n = now[i] if i < len(now) else None
-        rows.append({"rank": i + 1, "then": t, "now": n,
-                     "changed": bool(t and n and int(t["index"]) != int(n["index"]))})
-    target = b.get("target")
-    return {**b, "rows": rows, "target_label": _label_of(target, labels) if target is not None else None}
 
 
 def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
