@@ -142,9 +142,11 @@ def bench_report_300(n_cases: int = 300, loads: int = 5) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shapes_spec(root, n_cases)
-        subprocess.run([sys.executable, "-m", "pytest", "r.yaml", "-q", "-p", "no:cacheprovider",
-                        "--audit-report", "rep"], cwd=root, capture_output=True, check=False)
+        run = subprocess.run([sys.executable, "-m", "pytest", "r.yaml", "-q", "-p", "no:cacheprovider",
+                              "--audit-report", "rep"], cwd=root, capture_output=True, text=True, check=False)
         index = root / "rep" / "index.html"
+        if not index.is_file():
+            raise RuntimeError(f"the 300-case run wrote no report:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         folder = sum(p.stat().st_size for p in (root / "rep").rglob("*") if p.is_file())
         times = []
         with sync_playwright() as p:
