@@ -345,6 +345,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if choice.labels:
         model["labels"] = _path_for_spec(Path(choice.labels), args.relative_to)
     cases = []
+    notes: list[str] = []   # per case: how its focus box was drawn, or why there is none
     used: set[str] = set()
     for path, e in zip(paths, explanations):
         top = e.top_k
@@ -357,13 +358,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if floor > 0:
             expect["min_prob"] = floor
         case["expect"] = expect
-        heat = e.cams[top[0].index]
-        if heat.size and float(heat.max()) > 0:
-            ys, xs = np.nonzero(heat >= 0.5 * float(heat.max()))
-            box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-            mask = regions.region_mask({"box": box}, e.image_size, ".")
-            energy = checks.energy_inside(heat, mask)
-            case["focus"] = {"region": {"box": box}, "min_energy": _floor2(energy - args.energy_margin)}
+        focus, note = _suggest_focus(e.cams[top[0].index], e.image_size, e.geometry.seen_box, args.energy_margin,
+                                     top[0].label)
+        if focus is not None:
+            case["focus"] = focus
+        else:
+            _say(f"{PROG}: snapshot: {path}: no focus region suggested: {note}", err=True)
+        notes.append(note)
         cases.append(case)
     where = (f"relative to {args.relative_to}" if args.relative_to
              else "as given: save this spec in the current directory")
@@ -373,8 +374,64 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
               f"# and --energy-margin {args.energy_margin:g}; image paths are {where}.\n")
     body = yaml.dump({"model": model, "cases": cases}, Dumper=_spec_dumper(), sort_keys=False, allow_unicode=True,
                      width=100)
-    sys.stdout.write(header + body)
+    sys.stdout.write(header + _with_notes(body, notes))
     return 0
+
+
+# A suggested box must say something about this image: the bounding box of the hot part (>= half the
+# maximum) when it covers at most this share of what the model saw, and only with an energy floor that
+# a heatmap spread evenly over that part would not reach (else the check could not fail for a reason).
+MAX_BOX_SHARE = 0.5
+
+
+def _suggest_focus(heat, image_size, seen_box, margin: float, label: str) -> tuple[dict | None, str]:
+    """(focus block or None, one line: how the box was drawn, or why none is suggested)."""
+    import numpy as np
+
+    from audit import checks, regions
+
+    if not heat.size or not float(heat.max()) > 0:
+        return None, f"the Grad-CAM map of {label} is zero everywhere"
+    ys, xs = np.nonzero(heat >= 0.5 * float(heat.max()))
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    mask = regions.region_mask({"box": box}, image_size, ".")
+    x0, y0, x1, y1 = seen_box
+    seen_area = max(1.0, (x1 - x0) * (y1 - y0))
+    cx0, cy0, cx1, cy1 = max(box[0], x0), max(box[1], y0), min(box[2], x1), min(box[3], y1)
+    share = max(0.0, cx1 - cx0) * max(0.0, cy1 - cy0) / seen_area
+    energy = checks.energy_inside(heat, mask)
+    floor = _floor2(energy - margin)
+    drawn = (f"box = bounding box of the heat >= 0.5 x its maximum for {label} (covers {share:.0%} of what the "
+             f"model sees; {energy:.0%} of the heat inside today)")
+    if share > MAX_BOX_SHARE:
+        return None, (f"the heat >= 0.5 x its maximum for {label} spreads over {share:.0%} of what the model sees "
+                      f"(nothing discriminative: a box that large cannot fail); draw the region yourself")
+    if floor <= share:
+        return None, (f"{energy:.0%} of the heat lies in the hot box, and min_energy {floor:.2f} (minus the "
+                      f"margin) would not beat an even heatmap over a box of {share:.0%} of the image; "
+                      f"draw the region yourself")
+    return {"region": {"box": box}, "min_energy": floor}, drawn
+
+
+def _with_notes(body: str, notes: list[str]) -> str:
+    """The YAML with each case's note as a comment: above its focus block, or above its id when there
+    is none (yaml.dump writes no comments; each case has one ``- id:`` line and at most one ``focus:``)."""
+    import re
+
+    lines, out, case = body.splitlines(keepends=True), [], -1
+    pending = None
+    for line in lines:
+        if re.match(r"^- id: ", line):
+            case += 1
+            pending = notes[case] if case < len(notes) else None
+            if pending is not None and "box = " not in pending:
+                out.append(f"# no focus suggested: {pending}\n")
+                pending = None
+        elif pending is not None and re.match(r"^  focus:", line):
+            out.append(f"  # {pending}\n")
+            pending = None
+        out.append(line)
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -534,6 +591,7 @@ class _Item:
     spec_path: Path
     case: Any
     preprocess: str
+    model: Any   # the spec's ModelSpec
 
 
 def _collect_cases(files: Sequence[Path]) -> tuple[list[_Item], list[str]]:
@@ -545,12 +603,58 @@ def _collect_cases(files: Sequence[Path]) -> tuple[list[_Item], list[str]]:
             if case.error is not None:
                 skipped.append(f"{f}: case {case.id}: {case.error}")
             else:
-                items.append(_Item(Path(f), case, spec.model.preprocess))
+                items.append(_Item(Path(f), case, spec.model.preprocess, spec.model))
     return items, skipped
 
 
 def _top(r: Any) -> dict[str, Any]:
     return {"index": int(r.index), "label": str(r.label), "prob": float(r.prob)}
+
+
+SPEC_MODEL = "spec"
+
+
+def _choice_for(text: str, labels: str | None, item: _Item) -> ModelChoice:
+    """The model one side runs on this case: ``spec`` is the spec's own model block (weights or
+    checkpoint, labels, seed); any other model uses the spec's ``labels:`` when it has the spec's
+    architecture and no labels of its own were given (a fine-tuned checkpoint keeps its classes)."""
+    m = item.model
+    if text.strip().lower() == SPEC_MODEL:
+        return ModelChoice(m.arch, m.weights, str(m.checkpoint) if m.checkpoint else None,
+                           str(m.labels) if m.labels else None, m.seed, f"spec {item.spec_path.name}: {m.arch}")
+    choice = parse_model(text, labels)
+    if choice.labels is None and m.labels is not None and choice.arch == m.arch:
+        return ModelChoice(choice.arch, choice.weights, choice.checkpoint, str(m.labels), choice.seed, choice.text)
+    return choice
+
+
+@dataclass(frozen=True)
+class FailOn:
+    """A ``--fail-on`` rule: ``flip`` (any top-1 flip), ``flips>N``, ``correlation<X``."""
+
+    text: str
+    kind: str            # "flips" | "correlation"
+    limit: float
+
+    def broken_by(self, rows: list[dict]) -> list[dict]:
+        if self.kind == "flips":
+            flips = [r for r in rows if r["flip"]]
+            return flips if len(flips) > self.limit else []
+        return [r for r in rows if r["heatmap_correlation"] < self.limit]
+
+
+def _fail_on(text: str) -> FailOn:
+    t = text.strip().lower().replace(" ", "")
+    if t in ("flip", "flips"):
+        return FailOn(text, "flips", 0)
+    found = re.fullmatch(r"flips>(\d+)", t)
+    if found:
+        return FailOn(text, "flips", int(found.group(1)))
+    found = re.fullmatch(r"correlation<([0-9]*\.?[0-9]+)", t)
+    if found and float(found.group(1)) <= 1:
+        return FailOn(text, "correlation", float(found.group(1)))
+    raise argparse.ArgumentTypeError(f"{text!r}: write flip, flips>N or correlation<X (X in 0..1), "
+                                     f"e.g. --fail-on flip --fail-on correlation<0.5")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -563,56 +667,89 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not items:
         raise AuditError("no usable case in " + ", ".join(map(str, files)))
     _check_images([str(i.case.image) for i in items])
-    choices = {"A": parse_model(args.a, args.a_labels), "B": parse_model(args.b, args.b_labels)}
-    engines = {k: c.load(args.device) for k, c in choices.items()}
-    cam_layers = {"A": args.a_cam_layer, "B": args.b_cam_layer}
-    for k, layer in cam_layers.items():
+    sides = {"A": (args.a, args.a_labels, args.a_cam_layer), "B": (args.b, args.b_labels, args.b_cam_layer)}
+    choice_of = {(k, n): _choice_for(text, labels, item)
+                 for k, (text, labels, _) in sides.items() for n, item in enumerate(items)}
+    engines: dict[ModelChoice, Any] = {}
+    for choice in dict.fromkeys(choice_of.values()):
+        engines[choice] = choice.load(args.device)
+    for k, (_, _, layer) in sides.items():
         if layer:
-            engines[k].resolve_layer(layer)
-    explained: dict[str, list] = {"A": [None] * len(items), "B": [None] * len(items)}
-    for preprocess in dict.fromkeys(i.preprocess for i in items):
-        idx = [n for n, i in enumerate(items) if i.preprocess == preprocess]
-        for k, engine in engines.items():
-            found = _explain(engine, [str(items[n].case.image) for n in idx], args.quiet, args.batch_size, top_k=5,
-                             cam_layer=cam_layers[k], preprocess=preprocess)
-            for n, e in zip(idx, found):
-                explained[k][n] = e
+            for n in range(len(items)):
+                engines[choice_of[k, n]].resolve_layer(layer)
+    explained: dict[tuple[str, int], Any] = {}
+    groups: dict[tuple, list[int]] = {}
+    for k in sides:
+        for n, item in enumerate(items):
+            groups.setdefault((k, choice_of[k, n], item.preprocess), []).append(n)
+    for (k, choice, preprocess), idx in groups.items():
+        found = _explain(engines[choice], [str(items[n].case.image) for n in idx], args.quiet, args.batch_size,
+                         top_k=5, cam_layer=sides[k][2], preprocess=preprocess)
+        for n, e in zip(idx, found):
+            explained[k, n] = e
     rows = []
     for n, item in enumerate(items):
-        ea, eb = explained["A"][n], explained["B"][n]
+        ea, eb = explained["A", n], explained["B", n]
         ta, tb = ea.top_k[0], eb.top_k[0]
         prob_b = float(eb.probs[ta.index]) if eb.probs is not None and ta.index < len(eb.probs) else None
         energy_a = energy_b = None
-        region_desc, region_error = None, None
+        region_desc, region_error, outlines, avoid = None, None, None, None
         focus = item.case.checks.get("focus")
         if focus is not None and focus.region:
             region_desc = focus.region.describe()
             try:
                 mask = focus.region.mask(ea.image_size, item.spec_path.parent)
+                outlines = focus.region.outline(ea.image_size, item.spec_path.parent)
                 energy_a = checks.energy_inside(ea.cams[ta.index], mask)
                 energy_b = checks.energy_inside(eb.cams[tb.index], mask)
             except AuditError as exc:
                 region_error = str(exc)
+        if focus is not None and focus.avoid:
+            with contextlib.suppress(AuditError):
+                avoid = focus.avoid.outline(ea.image_size, item.spec_path.parent)
         rows.append({"spec": str(item.spec_path), "case_id": str(item.case.id), "image": str(item.case.image),
+                     "line": item.case.location.line,
+                     "model_a": choice_of["A", n].text, "model_b": choice_of["B", n].text,
                      "top1_a": _top(ta), "top1_b": _top(tb), "flip": ta.index != tb.index,
+                     "top_k_a": [_top(r) for r in ea.top_k[:5]], "top_k_b": [_top(r) for r in eb.top_k[:5]],
                      "prob_of_a_top1_under_b": prob_b,
                      "heatmap_correlation": baselines.pearson(ea.cams_lowres[ta.index], eb.cams_lowres[tb.index]),
                      "region": region_desc, "region_error": region_error, "energy_a": energy_a, "energy_b": energy_b,
-                     "_ea": ea, "_eb": eb})
+                     "avoid": focus.avoid.describe() if focus is not None and focus.avoid else None,
+                     "_ea": ea, "_eb": eb, "_outlines": outlines, "_avoid": avoid})
     rows.sort(key=lambda r: (not r["flip"], r["heatmap_correlation"]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    _print_compare(rows, choices, engines)
-    out = _write_compare(Path(args.out), rows, choices, engines, args)
+    verdicts = []
+    for rule in args.fail_on or ():
+        broken = rule.broken_by(rows)
+        verdicts.append({"rule": rule.text, "passed": not broken, "cases": [r["case_id"] for r in broken]})
+        for r in broken:
+            r.setdefault("broken", []).append(rule.text)
+    models = {k: sorted({choice_of[k, n].text for n in range(len(items))}) for k in sides}
+    sources = {k: sorted({engines[choice_of[k, n]].loaded.source for n in range(len(items))}) for k in sides}
+    fingerprints = {k: sorted({engines[choice_of[k, n]].loaded.fingerprint for n in range(len(items))}) for k in sides}
+    summary = {k: {"given": ", ".join(models[k]), "source": "; ".join(sources[k]),
+                   "fingerprint": ", ".join(f[:12] for f in fingerprints[k])} for k in sides}
+    _print_compare(rows, summary)
+    out = _write_compare(Path(args.out), rows, summary, verdicts, args)
     _say(f"\nreport: {out / 'index.html'}")
-    return 0
+    failed = [v for v in verdicts if not v["passed"]]
+    for v in verdicts:
+        n = len(v["cases"])
+        detail = (f"{n} {'case' if n == 1 else 'cases'}: {', '.join(v['cases'][:5])}{', ...' if n > 5 else ''}"
+                  if n else "ok")
+        _say(f"{PROG} compare: --fail-on {v['rule']}: {'FAILED' if not v['passed'] else 'passed'} ({detail})",
+             err=not v["passed"])
+    return 1 if failed else 0
 
 
-def _print_compare(rows: list[dict], choices: dict, engines: dict) -> None:
-    _say(f"A: {choices['A'].text} ({engines['A'].loaded.source})")
-    _say(f"B: {choices['B'].text} ({engines['B'].loaded.source})")
+def _print_compare(rows: list[dict], summary: dict) -> None:
+    _say(f"A: {summary['A']['given']} ({summary['A']['source']})")
+    _say(f"B: {summary['B']['given']} ({summary['B']['source']})")
     flips = sum(r["flip"] for r in rows)
-    _say(f"{len(rows)} cases, {flips} top-1 flips; most divergent first")
+    _say(f"{len(rows)} {'case' if len(rows) == 1 else 'cases'}, {flips} top-1 {'flip' if flips == 1 else 'flips'}; "
+         f"most divergent first")
     def name(t: dict) -> str:
         return f"{t['label']} {t['prob']:.3f}"
     wid = max([4, *(len(r["case_id"]) for r in rows)])
@@ -626,23 +763,10 @@ def _print_compare(rows: list[dict], choices: dict, engines: dict) -> None:
              f"{'FLIP' if r['flip'] else 'no':<4}  {r['heatmap_correlation']:>11.3f}  {ea:>8}  {eb:>8}")
 
 
-def _display(image):
-    from PIL import Image
-    long_side = max(image.size)
-    if long_side < 256:
-        f = math.ceil(256 / long_side)
-        return image.resize((image.width * f, image.height * f), Image.Resampling.NEAREST)
-    if long_side > 768:
-        f = 768 / long_side
-        return image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))),
-                            Image.Resampling.LANCZOS)
-    return image
-
-
-def _write_compare(out_dir: Path, rows: list[dict], choices: dict, engines: dict, args: argparse.Namespace) -> Path:
-    import io
-
-    import jinja2
+def _write_compare(out_dir: Path, rows: list[dict], summary: dict, verdicts: list[dict],
+                   args: argparse.Namespace) -> Path:
+    """The compare page: the report's cards (its macros, CSS, filters and search), two models per card."""
+    import secrets
 
     from audit import report
     from audit.images import load_image
@@ -650,30 +774,41 @@ def _write_compare(out_dir: Path, rows: list[dict], choices: dict, engines: dict
     report.check_writable(out_dir)
     run_id, asset_dir = report.new_run_dir(out_dir)
     for row in _progress(rows, len(rows), "pictures", args.quiet):
-        image = _display(load_image(row["image"]))
-        stem = report.safe_stem(f"{row['spec']}::{row['case_id']}")
-        assets = {}
-        for key, picture in (("image", image), ("overlay_a", report.overlay(image, row["_ea"].cam, args.colormap)),
-                             ("overlay_b", report.overlay(image, row["_eb"].cam, args.colormap))):
-            buffer = io.BytesIO()
-            picture.convert("RGB").save(buffer, "JPEG", quality=85)
-            name = f"{stem}-{key}.jpg"
-            atomic_write_bytes(asset_dir / name, buffer.getvalue())
-            assets[key] = f"assets/{run_id}/{name}"
-        row["assets"] = assets
-        row["size"] = list(image.size)
-    models = {k: {"given": c.text, "source": engines[k].loaded.source,
-                  "fingerprint": engines[k].loaded.fingerprint} for k, c in choices.items()}
-    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    payload = {"schema_version": 1, "run_id": run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-               "a": models["A"], "b": models["B"], "cases": public}
-    env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "xml"]),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = lambda v, d=3: "—" if v is None else f"{float(v):.{d}f}"
-    html = env.get_template("compare.html").render(a=models["A"], b=models["B"], cases=public,
-                                                   flips=sum(r["flip"] for r in public), created=payload["created"],
-                                                   run_id=run_id)
+        image = load_image(row["image"])
+        stem = f"{row['spec']}::{row['case_id']}"
+        ea, eb = row["_ea"], row["_eb"]
+        a = report.render_case_assets(asset_dir, stem + "::A", image, ea.cam, row["_outlines"], row["_avoid"],
+                                      ea.geometry.seen_box, {}, {}, colormap=args.colormap)
+        b = report.render_case_assets(asset_dir, stem + "::B", image, eb.cam, row["_outlines"], row["_avoid"],
+                                      eb.geometry.seen_box, {}, {}, colormap=args.colormap)
+        row["assets"] = {"image": a["image"], "image_thumb": a["image_thumb"], "overlay_a": a["overlay"],
+                         "overlay_a_thumb": a["overlay_thumb"], "overlay_b": b["overlay"],
+                         "overlay_b_thumb": b["overlay_thumb"], "colorbar": a["colorbar"]}
+        row["sizes"] = {**a["sizes"], **b["sizes"]}
+    report.flush_assets()
+    assets = report._Assets(out_dir, False, {k: v for r in rows for k, v in r["sizes"].items()})
+    public = [{k: v for k, v in r.items() if not k.startswith("_") and k != "sizes"} for r in rows]
+    cards = []
+    for row in public:
+        a = row["assets"]
+        cards.append({**row, "outcome": "flip" if row["flip"] else "same",
+                      "search": " ".join([row["case_id"], row["spec"], row["top1_a"]["label"], row["top1_b"]["label"],
+                                          row["model_a"], row["model_b"]]).lower(),
+                      "anchor": "case-" + report.safe_stem(f"{row['spec']}::{row['case_id']}"),
+                      "picture": assets.picture(a["image"], a["image_thumb"]),
+                      "overlay_a": assets.picture(a["overlay_a"], a["overlay_a_thumb"]),
+                      "overlay_b": assets.picture(a["overlay_b"], a["overlay_b_thumb"]),
+                      "colorbar": assets.picture(a["colorbar"]),
+                      "rows_a": [{**t, "expected": t["index"] == row["top1_b"]["index"] and row["flip"], "beyond_k": False}
+                                 for t in row["top_k_a"]],
+                      "rows_b": [{**t, "expected": t["index"] == row["top1_a"]["index"] and row["flip"], "beyond_k": False}
+                                 for t in row["top_k_b"]]})
+    created = _dt.datetime.now().isoformat(timespec="seconds")
+    payload = {"schema_version": 2, "run_id": run_id, "created": created, "a": summary["A"], "b": summary["B"],
+               "fail_on": verdicts, "cases": public}
+    html = report._env().get_template("compare.html").render(
+        a=summary["A"], b=summary["B"], cases=cards, flips=sum(r["flip"] for r in public), created=created,
+        run_id=run_id, verdicts=verdicts, nonce=secrets.token_urlsafe(12))
     atomic_write_bytes(out_dir / "compare.json", (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(out_dir / "index.html", html.encode("utf-8"))
     for child in (out_dir / "assets").iterdir():
@@ -775,10 +910,14 @@ examples:
   model-audit compare specs/imagenet --a vgg16:IMAGENET1K_V1 --b resnet50:IMAGENET1K_V2 --out reports/cmp
   model-audit compare specs/ --a vgg16:IMAGENET1K_V1 --b vgg16@runs/finetuned.pt
 
-A model is ARCH (default weights), ARCH:WEIGHTS (a weights name, or none for random init with seed 0)
-or ARCH@CHECKPOINT_PATH (a state_dict or TorchScript file). Both models run on every case of the specs
-(with each spec's preprocess); cases are ranked most divergent first: top-1 flips, then the lowest
-Pearson correlation of the two heatmaps. Writes <out>/index.html and <out>/compare.json.
+  model-audit compare specs/ --b resnet50:IMAGENET1K_V2 --fail-on flip --fail-on 'correlation<0.5'
+
+A model is ARCH (default weights), ARCH:WEIGHTS (a weights name, or none for random init with seed 0),
+ARCH@CHECKPOINT_PATH (a state_dict or TorchScript file) or spec (each spec's own model block, the
+default for --a). A model of the spec's architecture without --a-labels/--b-labels uses the spec's
+labels: file. Both models run on every case of the specs (with each spec's preprocess); cases are
+ranked most divergent first: top-1 flips, then the lowest Pearson correlation of the two heatmaps.
+Writes <out>/index.html and <out>/compare.json. Exit codes: 0, or 1 when a --fail-on rule is broken.
 """
 
 
@@ -845,8 +984,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare two models case by case on the images of specs.",
                        epilog=COMPARE_EPILOG, formatter_class=_Formatter)
     p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or folders")
-    p.add_argument("--a", required=True, metavar="MODEL", help="ARCH, ARCH:WEIGHTS or ARCH@CHECKPOINT_PATH")
-    p.add_argument("--b", required=True, metavar="MODEL", help="ARCH, ARCH:WEIGHTS or ARCH@CHECKPOINT_PATH")
+    p.add_argument("--a", default=SPEC_MODEL, metavar="MODEL",
+                   help="ARCH, ARCH:WEIGHTS, ARCH@CHECKPOINT_PATH, or spec: each spec's own model block "
+                        "(weights or checkpoint, labels); default spec")
+    p.add_argument("--b", required=True, metavar="MODEL", help="ARCH, ARCH:WEIGHTS, ARCH@CHECKPOINT_PATH or spec")
+    p.add_argument("--fail-on", type=_fail_on, action="append", metavar="RULE",
+                   help="exit 1 when a rule is broken: flip (any top-1 flip), flips>N, correlation<X (a case's "
+                        "heatmap correlation below X); repeatable")
     p.add_argument("--a-labels", default=None, metavar="FILE", help="labels file of model A")
     p.add_argument("--b-labels", default=None, metavar="FILE", help="labels file of model B")
     p.add_argument("--a-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model A")

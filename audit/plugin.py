@@ -13,8 +13,8 @@ whose weights are not available offline is *skipped* with its reason (an error u
 collection error, because a collection error makes pytest abort the whole session and one bad file
 must never stop the others.
 
-Under pytest-xdist the workers observe and check; every report carries the case data in its
-``user_properties`` and only the controller writes the HTML report (pytest-html's pattern).
+Under pytest-xdist the workers observe and check; every report carries the case data (an attribute of
+the report, see ``audit.outcomes``) and only the controller writes the HTML report (pytest-html's pattern).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import pytest
 
 from audit import defaults
 from audit.errors import AuditError
+from audit.outcomes import failure_text, pytest_runtest_makereport  # noqa: F401  (a hook: records off junit)
 from audit.kinds.base import NotRecorded
 from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
@@ -335,7 +336,9 @@ class CheckItem(pytest.Item):
         if isinstance(excinfo.value, CheckFailed):
             case = self.ref.case
             line = case.line_of(_audit(self.config).kind(self.kind).line_key())
-            return f"{self.ref.spec.path}:{line}: {case.id} [{self.kind}] failed\n{excinfo.value.result.message}"
+            label_of = _audit(self.config).engine(self.ref.model).label
+            return failure_text(self.ref.spec.path, line, case.id, self.kind, excinfo.value.result, label_of,
+                                one_line=self.config.getoption("tbstyle", "auto") == "line")
         if isinstance(excinfo.value, AuditError):
             return str(excinfo.value)
         return super().repr_failure(excinfo)

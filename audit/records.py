@@ -31,6 +31,7 @@ class CaseRecord:
     image: str | None
     image_size: list[int] | None = None
     top_k: list[dict[str, Any]] = field(default_factory=list)
+    k: int | None = None            # the case's top_k (the report's table says top-k; more rows for context)
     target: dict[str, Any] | None = None
     regions: dict[str, str | None] = field(default_factory=lambda: {"region": None, "avoid": None})
     seen_box: list[float] | None = None
@@ -93,7 +94,7 @@ def build(observation: Any, kinds: list[Any], model: str) -> CaseRecord:
     subject = observation.subject
     return CaseRecord(
         nodeid=ref.nodeid, spec=str(ref.spec.path), line=case.location.line, case_id=case.id, model=model,
-        image=str(case.image), image_size=list(e.image_size),
+        image=str(case.image), image_size=list(e.image_size), k=case.top_k,
         top_k=[{"index": r.index, "label": r.label, "prob": r.prob, "expected": r.index in expected}
                for r in e.top_k[:max(case.top_k, 5)]],
         target={"index": subject, "label": observation.label(subject)},

@@ -274,6 +274,46 @@ def region_outline(region: Any, image_size: tuple[int, int], base_dir: Path | st
 
 # ------------------------------------------------------------------------------------------- structure
 
+def seen_box(image_size: tuple[int, int], preprocessing: Any) -> tuple[float, float, float, float]:
+    """The part of the original image (x0, y0, x1, y1, pixel edges) the model sees under a preprocessing.
+
+    ``preprocessing`` is duck-typed (``audit.images.Preprocessing``: ``mode``, ``size``, ``resize``):
+    ``squash`` sees the whole image; ``weights`` resizes the shorter side to ``resize`` and crops the
+    centre ``size`` x ``size``, with torchvision's rounding (the same box ``Preprocessing.to_tensor``
+    reports, computed without touching a pixel, so a spec can be checked before the forward pass).
+    """
+    width, height = _check_size(image_size)
+    if getattr(preprocessing, "mode", "squash") != "weights":
+        return 0.0, 0.0, float(width), float(height)
+    resize, size = int(preprocessing.resize), int(preprocessing.size)
+    short, long_ = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long_ / short)   # torchvision's resize of the shorter side
+    rw, rh = (resize, new_long) if width <= height else (new_long, resize)
+    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def check_seen(mask: np.ndarray, seen: Sequence[float], what: str, role: str = "region") -> None:
+    """Refuse a region the model never sees: no pixel of ``mask`` has its centre inside ``seen``.
+
+    Such a region makes its checks meaningless: an avoid region there always passes (no heat can fall
+    outside the input), an expected region always fails. ``what`` names it as the spec wrote it
+    (``describe``); ``role`` is "region" or "avoid". Raises ``SpecError`` without a location.
+    """
+    h, w = mask.shape
+    x0, y0, x1, y1 = (float(v) for v in seen)
+    cols = (np.arange(w) + 0.5 >= x0) & (np.arange(w) + 0.5 < x1)
+    rows = (np.arange(h) + 0.5 >= y0) & (np.arange(h) + 0.5 < y1)
+    if mask[np.ix_(rows, cols)].any():
+        return
+    never = "always pass" if role == "avoid" else "never pass"
+    raise SpecError(f"{what} lies entirely outside the part of the {w}x{h} image the model sees "
+                    f"(x {_fmt_num(round(x0, 1))}..{_fmt_num(round(x1, 1))}, y {_fmt_num(round(y0, 1))}.."
+                    f"{_fmt_num(round(y1, 1))} after the centre crop of preprocess: weights), so its check would "
+                    f"{never}; move it inside that part, or use preprocess: squash")
+
+
 def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
     width, height = (int(v) for v in image_size)
     if width <= 0 or height <= 0:

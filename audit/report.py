@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import tempfile
 import threading
 import unicodedata
@@ -246,6 +247,8 @@ def _points(outline: Sequence[Sequence[float]], scale: float) -> np.ndarray:
 
 
 def _dashed(img: np.ndarray, pts: np.ndarray, colour, thickness: int, dash: int) -> None:
+    """Red dashes over a white line: one of the two colours shows on any background (a red heatmap too)."""
+    cv2.polylines(img, [pts], True, (255, 255, 255), thickness, cv2.LINE_AA)
     closed = np.vstack([pts, pts[:1]]).astype(np.float64)
     for (x0, y0), (x1, y1) in zip(closed[:-1], closed[1:]):
         length = math.hypot(x1 - x0, y1 - y0)
@@ -255,6 +258,57 @@ def _dashed(img: np.ndarray, pts: np.ndarray, colour, thickness: int, dash: int)
             p = (int(round(x0 + (x1 - x0) * a)), int(round(y0 + (y1 - y0) * a)))
             q = (int(round(x0 + (x1 - x0) * b)), int(round(y0 + (y1 - y0) * b)))
             cv2.line(img, p, q, colour, thickness, cv2.LINE_AA)
+
+
+def hottest_point(heat: np.ndarray) -> tuple[float, float] | None:
+    """Centre (x, y) of the first pixel holding the map's maximum (row-major, as the pointing game ties
+    it), in the map's own pixels; None for an all-zero map (the pointing game then has no hottest point)."""
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.size == 0 or not float(heat.max()) > 0:
+        return None
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return float(x) + 0.5, float(y) + 0.5
+
+
+def _mark_point(img: np.ndarray, point: tuple[float, float]) -> None:
+    """A white-ringed black cross: visible on the dark and the bright end of every colormap."""
+    h, w = img.shape[:2]
+    r = max(3, round(max(w, h) / 40))
+    x, y = int(point[0]), int(point[1])
+    for colour, thick in (((255, 255, 255), max(3, r // 2)), ((0, 0, 0), max(1, r // 4))):
+        cv2.line(img, (x - r, y), (x + r, y), colour, thick, cv2.LINE_AA)
+        cv2.line(img, (x, y - r), (x, y + r), colour, thick, cv2.LINE_AA)
+
+
+def place_in_seen_box(lowres: np.ndarray, seen_box: Sequence[float] | None, size: tuple[int, int]) -> np.ndarray:
+    """A low-resolution map (it covers what the model saw) laid onto a picture of ``size`` (w, h): resized
+    onto ``seen_box`` (original-image pixels scaled to ``size`` by the caller), zeros outside, as the
+    engine maps its own heatmaps; without a box, resized onto the whole picture."""
+    lowres = np.asarray(lowres, dtype=np.float32)
+    w, h = size
+    if seen_box is None:
+        return _resize_heat(lowres, (w, h))
+    x0, y0, x1, y1 = (int(math.floor(float(v) + 0.5)) for v in seen_box)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    out = np.zeros((h, w), np.float32)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = cv2.resize(lowres, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return np.clip(np.nan_to_num(out), 0.0, 1.0)
+
+
+def _crop_border(img: np.ndarray, seen_box: Sequence[float] | None, scale: float) -> np.ndarray:
+    """The seen box's amber border on a heatmap, so two maps of a cropping model read alike."""
+    if seen_box is None:
+        return img
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = (float(v) * scale for v in seen_box)
+    x0, y0 = max(0, math.floor(x0 + 0.5)), max(0, math.floor(y0 + 0.5))
+    x1, y1 = min(w, math.floor(x1 + 0.5)), min(h, math.floor(y1 + 0.5))
+    if (x0 > 0 or y0 > 0 or x1 < w or y1 < h) and x1 > x0 and y1 > y0:
+        img = img.copy()
+        thick = 1 if max(w, h) <= DRAW_MIN else max(2, round(max(w, h) / 300))
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SEEN, thick, cv2.LINE_AA)
+    return img
 
 
 def draw_regions(image: Image.Image, region_outlines: Iterable[Sequence[Sequence[float]]] | None,
@@ -468,12 +522,15 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                        region_outlines: Iterable | None, avoid_outlines: Iterable | None,
                        seen_box: Sequence[float] | None, features: Mapping[str, np.ndarray] | None,
                        max_channels: Mapping[str, int | None] | None, colormap: str = "jet",
-                       thumb_size: int = 256, extra: Mapping[tuple[str, str], Any] | None = None) -> dict[str, Any]:
+                       thumb_size: int = 256, extra: Mapping[tuple[str, str], Any] | None = None,
+                       mark_peak: bool = False) -> dict[str, Any]:
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
     Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
     their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
     (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``.
+    The expected and avoid outlines are drawn on the overlay too; ``mark_peak`` draws the hottest point
+    on it (pointing-game checks) and records it as ``peak`` (original pixels).
     Photos and heatmaps are JPEG, feature grids PNG. The files are encoded and written on a background
     thread: ``flush_assets()`` (called by ``write_report``) waits for them. ``extra`` holds the check
     kinds' own pictures (``{(kind, key): Picture}``: an image, a heatmap, or a heatmap over an image),
@@ -511,15 +568,26 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     base = rgb if factor >= 1.0 else display.copy()   # the outlines are drawn into ``display``
     put("image", _draw_regions(display, region_outlines, avoid_outlines, seen_box, scale=factor))
     base_size = (base.shape[1], base.shape[0])
+    base_scale = base.shape[1] / rgb.shape[1]
     if heat is not None:
         colour = colorize(_resize_heat(heat, base_size), colormap)   # one colour picture, two uses
         put("heatmap", colour)
-        put("overlay", _blend(base, colour))
+        blended = _blend(base, colour)
+        # the overlay is where QA reads focus: the regions are drawn on it too (the avoid outline in
+        # red over white, visible on a red hot spot), and for pointing-game checks the hottest point
+        _draw_regions(blended, region_outlines, avoid_outlines, None, scale=base_scale)
+        peak = hottest_point(heat) if mark_peak else None
+        if peak is not None:
+            _mark_point(blended, (peak[0] * base_size[0] / heat.shape[1], peak[1] * base_size[1] / heat.shape[0]))
+        put("overlay", blended)
         shown_height = _shown_size((display.shape[1], display.shape[0]))[1]
         out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(shown_height, thumb_size))
+        if peak is not None:
+            out["peak"] = [round(peak[0] * rgb.shape[1] / heat.shape[1], 1),
+                           round(peak[1] * rgb.shape[0] / heat.shape[0], 1)]
     kinds: dict[str, dict[str, str]] = {}
     for (kind, key), picture in (extra or {}).items():
-        pixels = _kind_picture(picture, base, base_size, colormap)
+        pixels = _kind_picture(picture, base, base_size, colormap, seen_box, base_scale)
         if pixels is None:
             continue
         name = f"{kind}_{safe_stem(key, 24).replace('-', '_')}"
@@ -543,8 +611,12 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     return out
 
 
-def _kind_picture(picture: Any, base: np.ndarray, base_size: tuple[int, int], colormap: str) -> np.ndarray | None:
-    """The pixels of a check kind's picture: its image (sized like the case's), its heatmap, or both blended."""
+def _kind_picture(picture: Any, base: np.ndarray, base_size: tuple[int, int], colormap: str,
+                  seen_box: Sequence[float] | None = None, scale: float = 1.0) -> np.ndarray | None:
+    """The pixels of a check kind's picture: its image (sized like the case's), its heatmap, or both blended.
+
+    A ``seen_only`` heatmap (a low-res map of what the model saw) is laid onto the seen box and gets
+    the crop border, so it reads like the engine's own maps of the case."""
     image = getattr(picture, "image", None)
     heat = getattr(picture, "heat", None)
     if image is None and heat is None:
@@ -553,7 +625,11 @@ def _kind_picture(picture: Any, base: np.ndarray, base_size: tuple[int, int], co
                                                 else np.asarray(_rgb(image.resize(base_size))))
     if heat is None:
         return np.array(rgb)
-    colour = colorize(_resize_heat(heat, base_size), colormap)
+    if getattr(picture, "seen_only", False):
+        seen = None if seen_box is None else [float(v) * scale for v in seen_box]
+        colour = _crop_border(colorize(place_in_seen_box(heat, seen, base_size), colormap), seen_box, scale)
+    else:
+        colour = colorize(_resize_heat(heat, base_size), colormap)
     return colour if image is None else _blend(np.ascontiguousarray(rgb), colour)
 
 
@@ -663,7 +739,7 @@ def _env() -> "jinja2.Environment":
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                  bytecode_cache=_template_cache())
         env.filters["num"] = _fmt_num
-        env.filters["pct"] = lambda v: "" if v is None else f"{100.0 * float(v):.1f}%"
+        env.filters["pct"] = fmt_prob
         _ENV = env
     return _ENV
 
@@ -712,6 +788,19 @@ def _first_use(page: bool) -> None:
             _label_stamp(index, scale)
     if page:
         _env().get_template("report.html")
+
+
+def fmt_prob(value: Any) -> str:
+    """A probability in percent, one decimal, with more where one decimal would round a value that is
+    not 1 up to "100.0%" (0.9996 is 99.96%, not a certainty)."""
+    if value is None:
+        return ""
+    p = 100.0 * float(value)
+    for d in range(1, 6):
+        text = f"{p:.{d}f}"
+        if p >= 100.0 or float(text) < 100.0:
+            return text + "%"
+    return f"{p:.5f}%"
 
 
 def _fmt_num(value: Any) -> str:
@@ -806,7 +895,7 @@ def _spec_folder(spec: str) -> str:
 
 # Every key the page reads, per kind of record. ``_filled`` gives each missing one the value None, so the
 # template can subscript (``c["error"]``) where ``c.get("error")`` would cost a jinja2 call per use.
-_CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k",
+_CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k", "k",
                             "target", "checks", "regions", "crops", "assets", "kinds", "error", "features"))
 _NESTED_KEYS = {
     "checks": dict.fromkeys(("kind", "outcome", "message", "metrics", "duration_s")),
@@ -832,6 +921,128 @@ def _page_record(case: Mapping[str, Any]) -> dict[str, Any]:
     c["regions"] = _filled(c["regions"], _REGIONS_KEYS)
     c["kinds"] = dict(c["kinds"] or {})
     return c
+
+
+_NUMERIC_OPS = {">=": 1.0, ">": 1.0, "<=": -1.0, "<": -1.0}
+_INDEX_METRIC = re.compile(r"^(\w+)\[(\d+)\]$")
+NO_MARGIN = ""   # sort key of a check without a numeric margin: sorted last in either direction
+
+
+def fmt_threshold(value: Any) -> str:
+    """A threshold as the spec wrote it: the shortest decimal that reads back as the same float
+    (0.999 stays 0.999, never "1.00" nor "100%")."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return str(v)
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def fmt_value(value: Any, threshold: Any = None) -> str:
+    """A measured value with as many decimals as it takes to keep its relation to the threshold: 0.4996
+    against 0.5 prints 0.4996, not 0.50; at least two decimals, or the threshold's own."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(v):
+        return str(v)
+    try:
+        t = None if threshold is None or isinstance(threshold, bool) else float(threshold)
+    except (TypeError, ValueError):
+        t = None
+    written = fmt_threshold(t) if t is not None and math.isfinite(t) else ""
+    decimals = max(2, len(written.partition(".")[2]) if "e" not in written else 2)
+    if abs(v) < 0.01 and v != 0 and t is None:
+        return f"{v:.2e}"
+    for d in range(decimals, 9):
+        text = f"{v:.{d}f}"
+        if t is None or (float(text) > t) == (v > t) and (float(text) < t) == (v < t):
+            return text
+    return repr(v)
+
+
+def _margin(metric: Mapping[str, Any]) -> float | None:
+    """How far a numeric metric is from its threshold, positive on the passing side; None for yes/no
+    metrics (pointing game, top-1, membership) and metrics without a threshold."""
+    sign = _NUMERIC_OPS.get(metric.get("op") or "")
+    value, threshold = metric.get("value"), metric.get("threshold")
+    if sign is None or isinstance(value, bool) or isinstance(threshold, bool):
+        return None
+    try:
+        v, t = float(value), float(threshold)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(v) and math.isfinite(t)):
+        return None
+    return sign * (v - t)
+
+
+def _label_of(index: Any, labels: Mapping[int, str]) -> str:
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        return str(index)
+    return f"{labels[i]} (#{i})" if i in labels else f"#{i}"
+
+
+def _metric_view(m: Mapping[str, Any], labels: Mapping[int, str]) -> dict[str, Any]:
+    """One metric row: the top-1 metric in labels, not indices; thresholds as written."""
+    name, value, threshold = str(m.get("name") or ""), m.get("value"), m.get("threshold")
+    shown_name = name
+    indexed = _INDEX_METRIC.match(name)
+    if indexed and int(indexed.group(2)) in labels:
+        shown_name = f"{indexed.group(1)}[{labels[int(indexed.group(2))]}]"
+    if name == "top1":
+        value_text, threshold_text = _label_of(value, labels), _label_of(threshold, labels)
+    elif isinstance(value, bool):
+        value_text = ("hit" if value else "miss") if name == "pointing_game" else ("yes" if value else "no")
+        threshold_text = "hit" if name == "pointing_game" else fmt_threshold(threshold)
+    else:
+        value_text, threshold_text = fmt_value(value, threshold), fmt_threshold(threshold)
+    margin = _margin(m)
+    return {"name": shown_name, "value": value_text, "op": m.get("op") or "", "threshold": threshold_text,
+            "passed": bool(m.get("passed")), "margin": margin}
+
+
+def _fmt_margin(margin: float) -> str:
+    return f"{margin:+.3f}".replace("-", "\u2212")
+
+
+def _worst(check: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> tuple[str, Any]:
+    """The check's worst margin to its thresholds, as (text, sort key): a failed yes/no metric ("miss")
+    sorts before any numeric margin, a check without metrics (skipped, error) after all."""
+    outcome = check.get("outcome") or "error"
+    if not metrics:
+        return outcome, NO_MARGIN
+    failed_flags = [m for m in metrics if m["margin"] is None and not m["passed"]]
+    margins = [m["margin"] for m in metrics if m["margin"] is not None]
+    if failed_flags:
+        return "miss" if failed_flags[0]["name"] == "pointing_game" else "FAIL", -1e9
+    if margins:
+        worst = min(margins)
+        return _fmt_margin(worst), round(worst, 6)
+    return ("ok" if outcome == "passed" else outcome), 1e9 if outcome == "passed" else -1e9
+
+
+def _ms(seconds: Any) -> str:
+    ms = 1000.0 * float(seconds or 0.0)
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:,.0f} ms"
 
 
 @functools.lru_cache(maxsize=1)
@@ -866,6 +1077,27 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         features.append({"layer": f.get("layer"), "maps": c, "h": h, "w": w, "shown": f.get("shown"),
                          "picture": assets.picture((a.get("grids") or {}).get(f.get("layer")))})
     nodeid = str(case.get("nodeid") or "")
+    labels = {int(t["index"]): str(t["label"]) for t in case["top_k"] if t["index"] is not None}
+    if case["target"] and case["target"]["index"] is not None:
+        labels.setdefault(int(case["target"]["index"]), str(case["target"]["label"]))
+
+    checks, skipped, worst = [], {}, {}
+    for ch in case["checks"]:
+        metrics = [_metric_view(m, labels) for m in ch["metrics"]]
+        worst[ch["kind"]] = _worst(ch, metrics)
+        if ch["outcome"] == "skipped":   # one line per distinct reason, not one per check
+            skipped.setdefault(str(ch["message"] or "skipped"), []).append(ch["kind"])
+            continue
+        checks.append({"kind": ch["kind"], "outcome": ch["outcome"], "message": ch["message"],
+                       "metrics": metrics, "duration": _ms(ch["duration_s"])})
+    expected_class = _expected_class(case, labels)
+    top1 = case["top_k"][0] if case["top_k"] else None
+    k = case.get("k") or len(case["top_k"]) or None
+    search = " ".join(str(x) for x in (case["case_id"], case["spec"], case["model"], expected_class or "",
+                                       *(t["label"] for t in case["top_k"]),
+                                       (case["target"] or {}).get("label") or "") if x).lower()
+    energy = next((m.get("value") for ch in case["checks"] for m in ch["metrics"]
+                   if m.get("name") == "energy_inside"), None)
     return {
         "case": case,
         "image_path": _as_written(case.get("image"), case.get("spec")),
@@ -876,24 +1108,106 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         "overlay": assets.picture(a.get("overlay"), a.get("overlay_thumb")),
         "colorbar": assets.picture(a.get("colorbar")),
         "kinds": _kind_sections(case, assets),
+        "peak": a.get("peak"),
         "features": features,
-        "duration_s": sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or []),
+        "duration": _ms(sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or [])),
+        "checks": checks,
+        "skipped": [{"reason": r, "kinds": kinds} for r, kinds in skipped.items()],
+        "worst": worst,
+        "k": k,
+        "top_k": [{**t, "beyond_k": k is not None and i >= k} for i, t in enumerate(case["top_k"])],
+        "top1": top1,
+        "expected_class": expected_class,
+        "energy": energy if isinstance(energy, (int, float)) and not isinstance(energy, bool) else None,
+        "search": search,
     }
 
 
-def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> Iterator[dict[str, Any]]:
-    for case in cases:
-        yield _case_view(case, assets)
+def _expected_class(case: Mapping[str, Any], labels: Mapping[int, str]) -> str | None:
+    """The class a case is about, for the per-class summary: the top-1 it expects, else its focus target."""
+    for ch in case["checks"]:
+        for m in ch["metrics"]:
+            if m.get("name") == "top1" and m.get("threshold") is not None:
+                return _label_of(m["threshold"], labels).split(" (#")[0]
+    expected = [t for t in case["top_k"] if t.get("expected")]
+    if expected:
+        return str(expected[0]["label"])
+    return None
 
 
-def _run_view(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
+    """Card views in the page's default order: failures first, then errors, skips, passes; within an
+    outcome the smallest worst margin first (the case nearest to failing leads)."""
+    views = [_case_view(case, assets) for case in cases]
+    rank = {"failed": 0, "error": 1, "skipped": 2, "passed": 3}
+
+    def key(v: dict[str, Any]) -> tuple:
+        margins = [k for _, k in v["worst"].values() if k != NO_MARGIN]
+        return rank.get(v["outcome"], 1), min(margins) if margins else 1e9
+    views.sort(key=key)
+    return views
+
+
+def _kinds(views: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The check kinds of the run, in the order they first appear (one column each in the case table)."""
+    return list(dict.fromkeys(kind for v in views for kind in v["worst"]))
+
+
+def _class_summary(views: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per expected class: cases, top-1 accuracy (prediction checks passed), focus checks passed,
+    mean energy inside the region — the first place QA looks for a class the model gets wrong."""
+    classes: dict[str, dict[str, Any]] = {}
+    for v in views:
+        name = v["expected_class"] or "(no expected class)"
+        row = classes.setdefault(name, {"label": name, "cases": 0, "pred": [0, 0], "focus": [0, 0], "energy": []})
+        row["cases"] += 1
+        for ch in v["case"]["checks"]:
+            slot = {"prediction": "pred", "focus": "focus"}.get(ch["kind"])
+            if slot and ch["outcome"] in ("passed", "failed"):
+                row[slot][1] += 1
+                row[slot][0] += ch["outcome"] == "passed"
+        if v["energy"] is not None:
+            row["energy"].append(float(v["energy"]))
+    out = []
+    for row in classes.values():
+        p, f = row["pred"], row["focus"]
+        out.append({"label": row["label"], "cases": row["cases"],
+                    "accuracy": f"{p[0]}/{p[1]}" if p[1] else "—", "accuracy_sort": p[0] / p[1] if p[1] else 2,
+                    "focus": f"{f[0]}/{f[1]}" if f[1] else "—", "focus_sort": f[0] / f[1] if f[1] else 2,
+                    "energy": f"{statistics.fmean(row['energy']):.2f}" if row["energy"] else "—"})
+    out.sort(key=lambda r: (r["accuracy_sort"], r["focus_sort"], r["label"]))
+    return out
+
+
+def _run_view(run: Mapping[str, Any], views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts of CASES per outcome (what the filter buttons show and select), and of checks for the line
+    under them."""
     counts = {k: 0 for k in OUTCOME_ORDER}
-    counts.update({k: int(v) for k, v in (run.get("counts") or {}).items()})
-    if not run.get("counts"):
-        for c in cases:
-            counts[c.get("outcome") or "error"] = counts.get(c.get("outcome") or "error", 0) + 1
-    return {"run": run, "counts": counts, "total": len(cases), "models": run.get("models") or [],
-            "versions": run.get("versions") or {}}
+    for v in views:
+        counts[v["outcome"]] = counts.get(v["outcome"], 0) + 1
+    check_counts = {k: 0 for k in OUTCOME_ORDER}
+    for v in views:
+        for ch in v["case"]["checks"]:
+            check_counts[ch["outcome"] or "error"] = check_counts.get(ch["outcome"] or "error", 0) + 1
+    models = []
+    for m in run.get("models") or []:
+        source = str(m.get("source") or "")
+        if m.get("checkpoint"):
+            weights = f"checkpoint {m.get('checkpoint')}"
+        elif source.startswith("zoo"):
+            weights = "shipped weights"
+        elif m.get("weights"):
+            weights = f"weights {m.get('weights')}"
+        else:
+            weights = "random init"
+        models.append({**m, "weights_text": weights})
+    return {"run": run, "counts": counts, "check_counts": check_counts, "total": len(views), "models": models,
+            "versions": run.get("versions") or {}, "duration": _run_seconds(run.get("duration_s"))}
+
+
+def _run_seconds(seconds: Any) -> str:
+    s = float(seconds or 0.0)
+    return f"{s:.2f} s" if s < 10 else f"{s:,.1f} s"
 
 
 def _write_temp(out_dir: Path, prefix: str, chunks: Iterable[str], temps: list[str]) -> str:
@@ -926,7 +1240,9 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
         assets = _Assets(out_dir, self_contained,
                          {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
         template = _env().get_template("report.html")
-        html = template.generate(**_run_view(run, cases), cases=_views(cases, assets), run_id=run_id,
+        views = _views(cases, assets)
+        html = template.generate(**_run_view(run, views), cases=views, kinds=_kinds(views),
+                                 classes=_class_summary(views), run_id=run_id,
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),
                                  schema_version=SCHEMA_VERSION)
         html_tmp = _write_temp(out_dir, ".index-", html, temps)

@@ -19,8 +19,7 @@ import pytest
 from audit import records
 from audit.versions import library_versions
 
-CASE_PROP = "model_audit_case"
-CHECK_PROP = "model_audit_check"
+from audit.outcomes import CASE_PROP, CHECK_PROP, records_of  # noqa: E402  (records ride on reports)
 _ORDER = {"error": 5, "failed": 4, "xpassed": 3, "skipped": 2, "xfailed": 1, "passed": 0}
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
@@ -110,8 +109,10 @@ class ResultCollector:
             e = observation.explanation
             outlines: dict[str, list] = {"expected": [], "avoid": []}
             extra = {}
+            mark_peak = False
             for kind in kinds:
                 prepared = observation.prepared.get(kind.name)
+                mark_peak = mark_peak or kind.marks_peak(prepared)
                 for region in kind.regions(prepared):
                     outlines.setdefault(region.role, []).extend(region.outlines)
                 for key, picture in kind.pictures(prepared, observation).items():
@@ -122,12 +123,12 @@ class ResultCollector:
                 {f.layer: e.features[f.layer] for f in case.features},
                 {f.layer: f.max_channels or records.default_channels(e.features[f.layer].shape[0])
                  for f in case.features},
-                colormap=self.colormap, extra=extra)
+                colormap=self.colormap, extra=extra, mark_peak=mark_peak)
         return record
 
     # -- controller: rebuild from reports --------------------------------------------------------
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        props = dict(report.user_properties)
+        props = records_of(report)
         if CASE_PROP not in props:
             return
         case = _case_from_json(props[CASE_PROP])
@@ -224,12 +225,12 @@ class ResultCollector:
         if self.cases:
             counts = self.counts()
             s = self.stats
-            lines.append(f"model-audit: {len(self.cases)} cases; checks: {counts['passed']} passed, "
-                         f"{counts['failed']} failed, {counts['error']} errors, {counts['skipped']} skipped; "
-                         f"{int(s.get('model_loads', 0))} model loads, {int(s.get('images', 0))} images in "
-                         f"{int(s.get('forward_passes', 0))} forward passes")
+            lines.append(f"model-audit: {_n(len(self.cases), 'case')}; checks: {counts['passed']} passed, "
+                         f"{counts['failed']} failed, {_n(counts['error'], 'error')}, {counts['skipped']} skipped; "
+                         f"{_n(int(s.get('model_loads', 0)), 'model load')}, {_n(int(s.get('images', 0)), 'image')} "
+                         f"in {_n(int(s.get('forward_passes', 0)), 'forward pass', 'forward passes')}")
         for reason, n in self.skip_reasons.items():
-            lines.append(f"model-audit: {n} checks did not run: {reason} "
+            lines.append(f"model-audit: {_n(n, 'check')} did not run: {reason} "
                          f"(use --audit-strict to make this an error)")
         lines += self.kind_summaries()
         if self.kept_report:
@@ -240,6 +241,11 @@ class ResultCollector:
             lines.append(f"model-audit: the report could not be written ({self.report_error}); "
                          f"the previous report was left in place")
         return lines
+
+
+def _n(count: int, singular: str, plural: str | None = None) -> str:
+    """"1 case", "2 cases", "1 forward pass"."""
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from audit import defaults
+from audit import defaults, regions
 from audit.errors import AuditError, SpecError, UnknownNameError, WeightsUnavailable
 from audit.kinds.base import ModelContext, RunContext
 from audit.registry import Registry
@@ -115,8 +115,13 @@ class _CaseModel(ModelContext):
         return self.engine.label(index)
 
     def mask(self, region: Any, key: str) -> Any:
+        """The region's mask; a region wholly outside what the model sees (the part a centre crop
+        keeps) is refused: its checks would pass or fail by construction."""
         try:
-            return region.mask(self.image.size, self.base_dir)
+            mask = region.mask(self.image.size, self.base_dir)
+            seen = regions.seen_box(self.image.size, self.engine.loaded.preprocessing[self.ref.model.preprocess])
+            regions.check_seen(mask, seen, region.describe(), "avoid" if key.endswith("avoid") else "region")
+            return mask
         except SpecError as exc:
             raise self.error(key, exc.message) from None
 

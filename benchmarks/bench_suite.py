@@ -119,8 +119,8 @@ def suite_ratio(spec: Path, n: int, arch: str, load_kwargs: dict, *extra: str,
     return run["seconds"] / (bare["load"] + n * bare["forward"]), run
 
 
-def xdist_speedup(spec: Path, **env: str) -> float:
-    """Wall time of ``pytest spec`` over that of ``pytest spec -n 2``, each a fresh process (start included)."""
+def xdist_walls(spec: Path, **env: str) -> tuple[float, float]:
+    """Wall times of ``pytest spec`` and ``pytest spec -n 2``, each a fresh process (start included)."""
     import os
 
     def wall(*extra: str) -> float:
@@ -129,7 +129,15 @@ def xdist_speedup(spec: Path, **env: str) -> float:
                        cwd=spec.parent, capture_output=True, check=False, env={**os.environ, **env})
         return time.perf_counter() - start
 
-    return wall() / wall("-n", "2")
+    return wall(), wall("-n", "2")
+
+
+def xdist_speedup(spec: Path, name: str = "", **env: str) -> float:
+    """Serial wall time over ``-n 2`` wall time; prints both (``xdist_serial_s<name>``, ``xdist_n2_s<name>``)."""
+    serial, parallel = xdist_walls(spec, **env)
+    print(f"xdist_serial_s{name}={serial:.2f}")
+    print(f"xdist_n2_s{name}={parallel:.2f}")
+    return serial / parallel
 
 
 def main() -> None:
@@ -160,8 +168,8 @@ def main() -> None:
         ratio, vgg_run = suite_ratio(vgg, args.vgg, "vgg16", {"weights": None, "seed": 0})
         print(f"vgg16_suite_s={vgg_run['seconds']:.2f}")
         print(f"vgg16_suite_ratio={ratio:.2f}")
-        print(f"xdist_speedup_vgg16={xdist_speedup(vgg):.2f}")
-        print(f"xdist_speedup_vgg16_one_thread={xdist_speedup(vgg, OMP_NUM_THREADS='1'):.2f}")
+        print(f"xdist_speedup_vgg16={xdist_speedup(vgg, '_vgg16'):.2f}")
+        print(f"xdist_speedup_vgg16_one_thread={xdist_speedup(vgg, '_vgg16_one_thread', OMP_NUM_THREADS='1'):.2f}")
 
 
 if __name__ == "__main__":

@@ -55,16 +55,16 @@ def test_each_case_becomes_a_prediction_and_a_focus_item(pytester, scenes):
     stem = Path(scenes[0][0]).stem
     assert f"basic.yaml::{stem}::prediction" in ids and f"basic.yaml::{stem}::focus" in ids
     assert len(ids) == 4
-    assert "model loads" not in result.stdout.str()  # collecting never loads a model
+    assert "model load" not in result.stdout.str()  # collecting never loads a model
 
 
 def test_shipped_scenes_pass_with_one_model_load_and_one_forward_per_batch(pytester, scenes):
     two_specs_of_six_cases(pytester, scenes)
     result = pytester.runpytest("--audit-batch-size", "16")
     result.assert_outcomes(passed=24)
-    result.stdout.fnmatch_lines(["*12 cases*1 model loads, 12 images in 1 forward passes*"])
+    result.stdout.fnmatch_lines(["*12 cases*1 model load, 12 images in 1 forward pass"])
     result = pytester.runpytest("--audit-batch-size", "4")
-    result.stdout.fnmatch_lines(["*1 model loads, 12 images in 3 forward passes*"])
+    result.stdout.fnmatch_lines(["*1 model load, 12 images in 3 forward passes*"])
 
 
 def test_failed_prediction_reads_like_an_assertion_without_a_traceback(pytester, scenes):
@@ -209,7 +209,7 @@ def test_report_folder_that_cannot_be_written_fails_before_any_model_runs(pytest
     result = pytester.runpytest("--audit-report", "afile/reports")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "not writable" in result.stderr.str()
-    assert "model loads" not in result.stdout.str()
+    assert "model load" not in result.stdout.str()
 
 
 def test_report_is_written_with_results_json(pytester, scenes):

@@ -382,7 +382,7 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
 
 
 @pytest.mark.parametrize("side", [64, 300, 1500])   # enlarged, kept, shrunk for the screen
-def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
+def test_render_case_assets_draws_regions_on_the_image_and_overlay_not_on_heatmaps(report_dir, side):
     out, _, asset_dir = report_dir
     grey = Image.new("RGB", (side, side), (128, 128, 128))
     box = box_outline(side // 4, side // 4, side // 2, side // 2)
@@ -396,9 +396,54 @@ def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
         return int((px.max(axis=(0, 1)) - px.min(axis=(0, 1))).max())
 
     assert spread("image") > 100                 # green and red outlines on grey
+    assert spread("overlay") > 100               # ... and on the overlay, where QA reads the focus
     a["baseline"] = a["kinds"]["baseline"]["heatmap"]
-    for key in ["heatmap", "overlay", "baseline"]:
+    for key in ["heatmap", "baseline"]:
         assert spread(key) <= 2, key             # one flat colour (JPEG may round by a level)
+
+
+def test_avoid_outline_shows_red_and_white_on_a_red_and_on_a_white_background(report_dir):
+    out, _, asset_dir = report_dir
+    outline = box_outline(16, 16, 48, 48)
+    for colour in [(255, 0, 0), (255, 255, 255)]:
+        img = np.full((64, 64, 3), colour, np.uint8)
+        R._draw_regions(img, None, [outline], None, scale=1.0)
+        edge = img[16, 16:48].astype(int)                # the top edge of the box
+        distance = np.abs(edge - np.array(colour)).sum(axis=1)
+        assert (distance > 200).sum() >= 8, colour       # a good part of the edge stands out
+
+
+def test_pointing_game_cases_get_the_hottest_point_marked_on_the_overlay(report_dir):
+    out, _, asset_dir = report_dir
+    heat = np.zeros((64, 64), np.float32)
+    heat[40, 10] = 1.0
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    a = R.render_case_assets(asset_dir, "peak", grey, heat, None, None, None, {}, {}, mark_peak=True)
+    b = R.render_case_assets(asset_dir, "nopeak", grey, heat, None, None, None, {}, {})
+    R.flush_assets()
+    assert a["peak"] == [10.5, 40.5] and "peak" not in b
+    with Image.open(out / a["overlay"]) as im, Image.open(out / b["overlay"]) as im2:
+        diff = np.abs(np.asarray(im, int) - np.asarray(im2, int)).sum(axis=2)
+    ys, xs = np.nonzero(diff > 60)
+    assert len(xs) and abs(xs.mean() - 10) < 3 and abs(ys.mean() - 40) < 3   # the cross sits on the peak
+
+
+def test_seen_only_kind_maps_are_laid_onto_the_seen_box_with_the_crop_border(report_dir):
+    out, _, asset_dir = report_dir
+    img = Image.new("RGB", (400, 300), (128, 128, 128))
+    seen = (50.0, 0.0, 350.0, 300.0)                     # a centre crop of the 400x300 photo
+    ones = np.ones((7, 7), np.float32)
+    a = R.render_case_assets(asset_dir, "crop", img, None, None, None, seen, {}, {},
+                             extra={("baseline", "heatmap"): Picture(heat=ones, seen_only=True),
+                                    ("baseline", "today"): Picture(heat=ones * 0.5, seen_only=True)})
+    R.flush_assets()
+    jet0 = R.colorize(np.zeros((1, 1), np.float32))[0, 0]
+    for key in ["heatmap", "today"]:
+        with Image.open(out / a["kinds"]["baseline"][key]) as im:
+            px = np.asarray(im.convert("RGB")).astype(int)
+        assert np.abs(px[150, 20] - jet0).sum() < 30, key       # outside the crop: the map is zero there
+        assert np.abs(px[150, 200] - jet0).sum() > 100, key     # inside: the map
+        assert np.abs(px[150, 50:53] - np.array(R.SEEN)).sum(axis=1).min() < 120, key   # amber border
 
 
 def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
@@ -506,14 +551,14 @@ def three_cases(asset_dir: Path) -> list[dict]:
             make_case(asset_dir, "broken-03", "error", with_assets=False)]
 
 
-def test_write_report_has_one_card_per_case_in_spec_order(report_dir):
+def test_write_report_has_one_card_per_case_failures_first(report_dir):
     out, run_id, asset_dir = report_dir
     cases = three_cases(asset_dir)
     index = R.write_report(out, run_dict(), cases, run_id)
     assert index == out / "index.html"
     found = cards(parse(index))
-    assert [c.attrs["data-outcome"] for c in found] == ["failed", "passed", "error"]
-    assert [c.attrs["data-case-id"] for c in found] == ["circle-01", "circle-02", "broken-03"]
+    assert [c.attrs["data-outcome"] for c in found] == ["failed", "error", "passed"]
+    assert [c.attrs["data-case-id"] for c in found] == ["circle-01", "broken-03", "circle-02"]
     assert "specs/shapes/basic.yaml:12" in found[0].all_text()
 
 
@@ -557,11 +602,13 @@ def test_write_report_shows_top_k_metrics_baseline_and_grids(report_dir):
     assert bars == ["width: 70.0%", "width: 20.0%", "width: 10.0%"]
     metrics = [m for m in card.iter("table") if m.has_class("metrics")]
     cells = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(metrics[0].iter("tbody")).iter("tr")]
-    assert cells == [["energy_inside", "0.31", ">=", "0.5", "FAIL"], ["pointing_game", "1", ">=", "1", "pass"]]
+    assert cells == [["energy_inside", "0.31", ">=", "0.5", "-0.190", "FAIL"],
+                     ["pointing_game", "1.00", ">=", "1", "+0.000", "pass"]]
     pres = [p.all_text() for p in card.iter("pre")]
     assert "energy inside the region 0.31 < 0.5" in pres
     baseline = next(s for s in card.iter("section") if s.has_class("baseline"))
-    assert "0.93" in baseline.all_text() and "circle → circle" in baseline.all_text()
+    assert "circle → circle" in baseline.all_text()
+    assert not [t for t in baseline.iter("table") if t.has_class("metrics")]   # the check's table says it once
     grid = next(s for s in card.iter("section") if s.has_class("grid"))
     assert "features.4: 12 maps of 16×16, showing 12" in grid.all_text()
 
@@ -569,16 +616,19 @@ def test_write_report_shows_top_k_metrics_baseline_and_grids(report_dir):
 def test_write_report_shows_errors_prominently_and_run_header(report_dir):
     out, run_id, asset_dir = report_dir
     root = parse(R.write_report(out, run_dict(), three_cases(asset_dir), run_id))
-    err = cards(root)[2]
+    err = next(c for c in cards(root) if c.attrs["data-outcome"] == "error")
     assert [p.all_text() for p in err.iter("pre") if p.has_class("error-message")] == [
         "ImageError: specs/shapes/img/c.png: truncated file"]
     header = next(h for h in root.iter("header") if h.has_class("run"))
     text = header.all_text()
-    for needle in ["shapes_vgg", "weights DEFAULT", "0123456789ab", "squash", "torch 2.3.0",
-                   "torchvision 0.18.0", "model-audit 0.1.0", "4.25 s", "1 failed", "1 errors", "1 passed"]:
+    for needle in ["shapes_vgg", "shipped weights", "0123456789ab", "squash", "torch 2.3.0",
+                   "torchvision 0.18.0", "model-audit 0.1.0", "4.25 s", "1 failed", "1 error", "1 passed"]:
         assert needle in text, needle
+    assert "1 errors" not in text
     assert "0123456789abcdef0123" not in text    # fingerprint shortened
-    filters = [b.attrs["data-filter"] for b in header.iter("button")]
+    assert "weights DEFAULT" not in text          # a zoo model's weights are the ones it ships with
+    nav = next(n for n in root.iter("nav") if n.has_class("filters"))
+    filters = [b.attrs["data-filter"] for b in nav.iter("button")]
     assert filters == ["all", "failed", "error", "passed", "skipped"]
 
 
@@ -692,3 +742,88 @@ def test_report_writer_wraps_the_module_functions(tmp_path):
     run_id, asset_dir = w.new_run_dir()
     index = w.write(run_dict(), [make_case(asset_dir, "a", "passed")])
     assert index.is_file() and (tmp_path / "rep" / "assets" / run_id).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# the page at many cases: numbers as written, margins, labels, one skip line, the case table
+
+
+@pytest.mark.parametrize("threshold, text", [(0.999, "0.999"), (0.5, "0.5"), (0.1, "0.1"), (1, "1"),
+                                             (0.12345, "0.12345"), (1e-05, "1e-05"), (None, "—")])
+def test_thresholds_print_as_they_were_written(threshold, text):
+    assert R.fmt_threshold(threshold) == text
+
+
+@pytest.mark.parametrize("value, threshold, text", [(0.4996, 0.5, "0.4996"), (0.31, 0.5, "0.31"),
+                                                    (0.9985, 0.999, "0.9985"), (0.99, 0.999, "0.990"),
+                                                    (0.5, 0.5, "0.50"), (0.123456, None, "0.12")])
+def test_values_keep_their_relation_to_the_threshold(value, threshold, text):
+    shown = R.fmt_value(value, threshold)
+    assert shown == text
+    if threshold is not None:   # the printed value compares with the threshold as the value does
+        assert (float(shown) < threshold) == (value < threshold) and (float(shown) > threshold) == (value > threshold)
+
+
+@pytest.mark.parametrize("p, text", [(0.9996, "99.96%"), (1.0, "100.0%"), (0.5, "50.0%"), (0.99999, "99.999%")])
+def test_probabilities_never_round_up_to_a_certainty(p, text):
+    assert R.fmt_prob(p) == text
+
+
+def test_case_table_row_has_worst_margin_per_check_and_labels_in_the_top1_metric(report_dir):
+    out, run_id, asset_dir = report_dir
+    case = make_case(asset_dir, "flip-01", "failed")
+    case["k"] = 2
+    case["checks"][0] = {"kind": "prediction", "outcome": "failed", "message": "top1 square", "duration_s": 0.0123,
+                         "metrics": [{"name": "top1", "value": 1, "threshold": 0, "op": "==", "passed": False},
+                                     {"name": "not_in_top_k[2]", "value": False, "threshold": None, "op": "",
+                                      "passed": True},
+                                     {"name": "min_prob", "value": 0.2, "threshold": 0.15, "op": ">=", "passed": True}]}
+    root = parse(R.write_report(out, run_dict(), [case], run_id))
+    table = next(t for t in root.iter("table") if t.attrs.get("id") == "cases")
+    heads = [th.all_text().strip() for th in next(table.iter("thead")).iter("th")]
+    assert heads == ["outcome", "case", "spec", "model", "top-1", "p", "prediction", "focus", "time"]
+    row = next(next(table.iter("tbody")).iter("tr"))
+    cells = [td.all_text().strip() for td in row.iter("td")]
+    assert cells[6] == "FAIL" and cells[7] == "\u22120.190"           # worst margins: a flag, then a number
+    assert cells[8] == "32 ms"                                       # durations in ms
+    card = cards(root)[0]
+    metrics = next(t for t in card.iter("table") if t.has_class("metrics"))
+    rows = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(metrics.iter("tbody")).iter("tr")]
+    assert rows[0][:4] == ["top1", "square (#1)", "==", "circle (#0)"]   # labels, not indices
+    assert rows[1][0] == "not_in_top_k[triangle]"
+    topk = next(s for s in card.iter("section") if s.has_class("topk"))
+    assert next(topk.iter("h3")).all_text().startswith("top-2")        # the spec's k, not the rows shown
+    assert [tr.has_class("beyond") for tr in next(topk.iter("tbody")).iter("tr")] == [False, False, True]
+
+
+def test_a_card_says_each_skip_reason_once(report_dir):
+    out, run_id, asset_dir = report_dir
+    case = make_case(asset_dir, "skip-01", "skipped", with_assets=False)
+    for check in case["checks"]:
+        check.update(outcome="skipped", metrics=[], message="weights vgg16 IMAGENET1K_V1 are not available offline")
+    root = parse(R.write_report(out, run_dict(), [case], run_id))
+    card = cards(root)[0]
+    lines = [p.all_text() for p in card.iter("p") if p.has_class("skip-reason")]
+    assert len(lines) == 1 and "prediction, focus: weights vgg16" in lines[0]
+    assert not [s for s in card.iter("section") if s.has_class("check")]
+
+
+def test_filter_buttons_count_cases_not_checks(report_dir):
+    out, run_id, asset_dir = report_dir
+    cases = [make_case(None, f"c{i}", "failed") for i in range(3)] + [make_case(None, "ok", "passed")]
+    root = parse(R.write_report(out, run_dict({"passed": 4, "failed": 3, "error": 0, "skipped": 0}), cases, run_id))
+    buttons = {b.attrs["data-filter"]: b.all_text() for b in root.iter("button") if "data-filter" in b.attrs}
+    assert buttons["failed"] == "Failed (3)" and buttons["passed"] == "Passed (1)" and buttons["all"] == "All (4)"
+
+
+def test_per_class_summary_counts_top1_and_focus_per_expected_class(report_dir):
+    out, run_id, asset_dir = report_dir
+    a = make_case(None, "a", "failed")
+    b = make_case(None, "b", "passed")
+    for c in (a, b):
+        c["checks"][0]["metrics"] = [{"name": "top1", "value": 0, "threshold": 0, "op": "==", "passed": True}]
+    b["checks"][1]["metrics"][0].update(value=0.8, passed=True)
+    root = parse(R.write_report(out, run_dict(), [a, b], run_id))
+    table = next(t for t in root.iter("table") if t.has_class("classes"))
+    rows = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(table.iter("tbody")).iter("tr")]
+    assert rows == [["circle", "2", "2/2", "1/2", "0.56"]]

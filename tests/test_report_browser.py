@@ -89,6 +89,12 @@ def open_page(browser, index: Path):
     return page, problems
 
 
+def load_every_image(page) -> None:
+    """The page loads pictures lazily (as the reader scrolls): make every one load now, and wait."""
+    page.evaluate("Array.from(document.images).forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+
+
 def visible_cards(page) -> list[str]:
     return page.eval_on_selector_all("article.card", "cs => cs.filter(c => !c.hidden && c.offsetParent !== null)"
                                                      ".map(c => c.dataset.caseId)")
@@ -99,10 +105,11 @@ def test_report_opens_from_file_without_errors_and_filters_work(browser, tmp_pat
     index = build_report(tmp_path / "reports", self_contained)
     page, problems = open_page(browser, index)
     try:
+        load_every_image(page)
         sizes = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
         assert len(sizes) >= 2 * 6
         assert all(complete and width > 0 for _, complete, width in sizes), sizes
-        assert visible_cards(page) == ["circle-01", "circle-02", "broken-03"]
+        assert visible_cards(page) == ["circle-01", "broken-03", "circle-02"]   # failures first
 
         page.click("button[data-filter=failed]")
         assert visible_cards(page) == ["circle-01"]
@@ -146,6 +153,7 @@ def test_report_of_the_shipped_specs_opens_with_every_image_decoded(browser, pyt
     result.stdout.fnmatch_lines(["*model-audit report: *index.html*"])
     page, problems = open_page(browser, out / "index.html")
     try:
+        load_every_image(page)
         sizes = page.evaluate("Array.from(document.images).map(i => [i.currentSrc, i.complete, i.naturalWidth])")
         assert len(sizes) >= 4 * 22
         assert all(complete and width > 0 for _, complete, width in sizes), [s for s in sizes if not s[2]]
@@ -158,6 +166,105 @@ def test_report_of_the_shipped_specs_opens_with_every_image_decoded(browser, pyt
         shot = tmp_path / "shipped-report.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 0
+        assert problems == []
+    finally:
+        page.close()
+
+
+LABELS = ["circle", "square", "triangle", "star"]
+
+
+def many_cases(asset_dir: Path, n: int = 300) -> list[dict]:
+    """n cases of every outcome, one label of LABELS each (as top-1 and expected class), margins spread
+    over -0.5..+0.5; every case has its own pictures, as in a real run."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    cases = []
+    for i in range(n):
+        outcome = ("error" if i % 23 == 0 else "skipped" if i % 11 == 0 else "failed" if i % 7 == 0
+                   else "passed")
+        label = LABELS[i % 4]
+        energy = round(((i * 37) % 101) / 100.0, 2)           # 0.00 .. 1.00, threshold 0.5
+        heat = np.exp(-((xx - i % 64) ** 2 + (yy - 24) ** 2) / 200.0).astype(np.float32)
+        arr = np.full((64, 64, 3), (i * 5) % 255, np.uint8)
+        assets = {} if outcome == "error" else R.render_case_assets(
+            asset_dir, f"case-{i:03d}", Image.fromarray(arr, "RGB"), heat, [[(10, 14), (30, 14), (30, 34), (10, 34)]],
+            None, None, {}, {})
+        ran = outcome in ("passed", "failed")
+        checks = [] if outcome == "error" else [
+            {"kind": "prediction", "outcome": outcome if ran else "skipped", "duration_s": 0.002,
+             "message": "top1 ok" if ran else "model-audit: weights not available offline",
+             "metrics": [{"name": "top1", "value": i % 4, "threshold": i % 4, "op": "==", "passed": True}] if ran else []},
+            {"kind": "focus", "outcome": outcome if ran else "skipped", "duration_s": 0.003,
+             "message": "focus" if ran else "model-audit: weights not available offline",
+             "metrics": [{"name": "energy_inside", "value": energy if outcome == "passed" else min(energy, 0.49),
+                          "threshold": 0.5 if outcome == "failed" else min(0.5, energy), "op": ">=",
+                          "passed": outcome == "passed"}] if ran else []}]
+        cases.append({
+            "nodeid": f"specs/many.yaml::case-{i:03d}", "spec": "specs/many.yaml", "line": 3 + 4 * i,
+            "case_id": f"case-{i:03d}", "model": "shapes_vgg", "image": f"img/{i}.png", "image_size": [64, 64],
+            "outcome": outcome, "k": 2,
+            "top_k": [] if not ran else [{"index": i % 4, "label": label, "prob": 0.8, "expected": True},
+                                         {"index": 9, "label": "blob", "prob": 0.1, "expected": False}],
+            "target": None if not ran else {"index": i % 4, "label": label},
+            "checks": checks, "regions": {"region": "box [10, 14, 30, 34]", "avoid": None},
+            "seen_box": None, "crops": False, "assets": assets, "baseline": None,
+            "error": "ImageError: img/x.png: truncated file" if outcome == "error" else None, "features": []})
+    return cases
+
+
+def test_300_case_report_counts_sorting_and_search(browser, tmp_path):
+    out = tmp_path / "reports"
+    R.check_writable(out)
+    run_id, asset_dir = R.new_run_dir(out)
+    cases = many_cases(asset_dir)
+    index = R.write_report(out, {"started": "2024-05-01T10:00:00", "duration_s": 30.0, "models": [],
+                                 "versions": {}, "args": [], "device": "cpu"}, cases, run_id)
+    page, problems = open_page(browser, index)
+    try:
+        assert page.evaluate("Array.from(document.images).every(i => i.loading === 'lazy')")
+        expected = {"all": len(cases)}
+        for outcome in ["failed", "error", "passed", "skipped"]:
+            expected[outcome] = sum(c["outcome"] == outcome for c in cases)
+        assert all(expected.values())
+        for name, count in expected.items():
+            button = page.locator(f"button[data-filter={name}]")
+            assert button.inner_text().endswith(f"({count})"), (name, button.inner_text())
+            button.click()
+            shown = visible_cards(page)
+            assert len(shown) == count, name
+            rows = page.eval_on_selector_all("#cases tbody tr", "rs => rs.filter(r => !r.hidden).length")
+            assert rows == count, name
+            if name != "all":
+                assert {c["outcome"] for c in cases if c["case_id"] in set(shown)} == {name}
+        page.click("button[data-filter=all]")
+
+        # default order: failures first
+        first = page.eval_on_selector_all("#cases tbody tr", "rs => rs.slice(0, 3).map(r => r.dataset.outcome)")
+        assert first == ["failed"] * 3
+
+        column = page.evaluate("Array.from(document.querySelectorAll('#cases thead th'))"
+                               ".findIndex(th => th.dataset.kind === 'focus')")
+        assert column > 0
+        header = page.locator("#cases thead th").nth(column).locator("button")
+
+        def margins() -> list:
+            return page.eval_on_selector_all(
+                "#cases tbody tr", f"rs => rs.map(r => r.cells[{column}].getAttribute('data-sort'))")
+
+        header.click()
+        got = margins()
+        numbers = [float(m) for m in got if m not in (None, "")]
+        assert numbers == sorted(numbers) and len(numbers) == sum(c["outcome"] in ("passed", "failed") for c in cases)
+        assert all(m in (None, "") for m in got[len(numbers):])          # checks that did not run go last
+        header.click()
+        numbers_desc = [float(m) for m in margins() if m not in (None, "")]
+        assert numbers_desc == sorted(numbers, reverse=True)
+
+        page.fill("#search", "triangle")
+        shown = visible_cards(page)
+        assert sorted(shown) == sorted(c["case_id"] for c in cases if any(t["label"] == "triangle" for t in c["top_k"]))
+        page.fill("#search", "many.yaml")
+        assert len(visible_cards(page)) == len(cases)      # the spec matches too
         assert problems == []
     finally:
         page.close()

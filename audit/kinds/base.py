@@ -64,6 +64,9 @@ class Picture:
 
     image: "Image.Image | None" = None
     heat: "np.ndarray | None" = None
+    #: ``heat`` is a low-resolution map of what the model saw (a Grad-CAM before it is mapped back to
+    #: the image): the report lays it onto the seen box and draws the crop border, as for the engine's maps
+    seen_only: bool = False
 
 
 class CheckKind:
@@ -143,6 +146,10 @@ class CheckKind:
     def pictures(self, prepared: Any, observation: Any) -> Mapping[str, Picture]:
         """Extra pictures for the report (``case["assets"]["kinds"][name][key]``)."""
         return {}
+
+    def marks_peak(self, prepared: Any) -> bool:
+        """Whether the report marks the heatmap's hottest point on the overlay (the pointing game)."""
+        return False
 
     def summary(self, checks: list[Mapping[str, Any]], specs: list[Any], run: "RunContext") -> list[str]:
         """Lines for the end of the terminal output, on the controller: ``checks`` are this kind's check

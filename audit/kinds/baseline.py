@@ -95,14 +95,29 @@ class BaselineKind(CheckKind):
         return baselines.compare(prepared.then, now, prepared.tolerance)
 
     def record(self, prepared: PreparedBaseline, observation: Any) -> dict | None:
+        """The deltas, and the then/now top-k side by side (the baseline's k) with the class both maps
+        show: the report's baseline card compares like with like."""
         if prepared.then is None or prepared.error is not None:
             return None
-        return baselines.deltas(prepared.then, self._now(prepared, observation))
+        then = prepared.then
+        now = [{"index": int(r.index), "label": str(r.label), "prob": float(r.prob)}
+               for r in observation.explanation.top_k[:len(then.top_k)]]
+        rows = [{"rank": i + 1, "then": t, "now": n, "changed": bool(t and n and int(t["index"]) != n["index"])}
+                for i, (t, n) in enumerate(zip(list(then.top_k) + [None] * len(now), now + [None] * len(then.top_k)))
+                if t or n]
+        target = int(then.target)
+        return {**baselines.deltas(then, self._now(prepared, observation)), "rows": rows, "target": target,
+                "target_label": f"{observation.label(target)} (#{target})"}
 
     def pictures(self, prepared: PreparedBaseline, observation: Any) -> dict[str, Picture]:
+        """The recorded map and today's map of the same class, both low-res maps of what the model saw."""
         if prepared.then is None or prepared.error is not None:
             return {}
-        return {"heatmap": Picture(heat=prepared.then.heatmap.astype(np.float32))}
+        shown = {"heatmap": Picture(heat=prepared.then.heatmap.astype(np.float32), seen_only=True)}
+        today = observation.explanation.cams_lowres.get(int(prepared.then.target))
+        if today is not None:
+            shown = {"today": Picture(heat=np.asarray(today, np.float32), seen_only=True), **shown}
+        return shown
 
     def summary(self, results: list[Any], specs: list[Any], run: Any) -> list[str]:
         """"N baselines recorded, M unchanged, K unused", and the unused files (removed on request)."""

@@ -176,6 +176,9 @@ class FocusKind(CheckKind):
         target = prepared.target if prepared.target is not None else observation.explanation.top_k[0].index
         return {"curves": [curve.to_dict() for _, _, curve in self._curve_rows(prepared, observation, target)]}
 
+    def marks_peak(self, prepared: PreparedFocus) -> bool:
+        return bool(prepared.focus.pointing_game)
+
     def regions(self, prepared: PreparedFocus) -> tuple[ShownRegion, ...]:
         shown = []
         if prepared.focus.region is not None:

@@ -349,5 +349,5 @@ def test_report_folder_that_cannot_be_written_is_a_usage_error_before_any_model_
     err = result.stderr.str()
     assert "afile/reports" in err and "not writable" in err
     assert len([line for line in result.stderr.lines if "not writable" in line]) == 1
-    assert "model loads" not in result.stdout.str() and not item_outcomes(result)
+    assert "model load" not in result.stdout.str() and not item_outcomes(result)
     assert "Traceback" not in err + result.stdout.str()
