@@ -312,8 +312,8 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
                 area_rles.append(merged)
             if boxes:
                 region_parts.extend({"box": list(b)} for b in boxes)
-                area_rles.extend(mask_utils.frPyObjects(
-                    [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in boxes], h, w))
+                area_rles.extend(mask_utils.frPyObjects(np.array(
+                    [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in boxes], dtype=np.float64), h, w))
             annotations[cat] = region_parts
             union = mask_utils.merge(area_rles) if len(area_rles) > 1 else area_rles[0]
             areas[cat] = float(mask_utils.area(union))
