@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
@@ -64,8 +65,7 @@ class RLEMask:
 
     def array(self) -> np.ndarray:
         """Bool (h, w): True inside."""
-        from pycocotools import mask as mask_utils
-        return mask_utils.decode(dict(self.rle)).astype(bool)
+        return _decode(self.rle)
 
     def area(self) -> int:
         from pycocotools import mask as mask_utils
@@ -74,6 +74,15 @@ class RLEMask:
     def describe(self) -> str:
         w, h = self.image_size
         return f"segmentation ({self.area()} px of {w}x{h})"
+
+
+def _decode(rle: Mapping[str, Any]) -> np.ndarray:
+    """pycocotools' decode as bool; its NumPy-2 DeprecationWarning (``__array__`` without ``copy``)
+    is about pycocotools' own code and silenced for this call only."""
+    from pycocotools import mask as mask_utils
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*__array__")
+        return mask_utils.decode(dict(rle)).astype(bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,6 +199,11 @@ def _number(value: Any) -> float | None:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _whole(v: float) -> float | int:
+    """Integral floats as ints, so messages say box [3, 4, 10, 12], not [3.0, 4.0, 10.0, 12.0]."""
+    return int(v) if v == int(v) else v
 
 
 def _clip(v: float, hi: float) -> float:
@@ -344,7 +358,7 @@ def _coco_bbox(raw: Any, w: int, h: int, record: str, path: Path) -> tuple[float
     x1, y1 = x + bw, y + bh
     if x < -EDGE_SLACK_PX or y < -EDGE_SLACK_PX or x1 > w + EDGE_SLACK_PX or y1 > h + EDGE_SLACK_PX:
         raise SpecError(f"{record}: bbox {raw!r} goes outside the {w}x{h} image", path)
-    box = (_clip(x, w), _clip(y, h), _clip(x1, w), _clip(y1, h))
+    box = tuple(_whole(v) for v in (_clip(x, w), _clip(y, h), _clip(x1, w), _clip(y1, h)))
     if box[0] >= box[2] or box[1] >= box[3]:
         raise SpecError(f"{record}: bbox {raw!r} lies on the edge of the {w}x{h} image: no pixel inside",
                         path)
@@ -381,7 +395,7 @@ def _coco_rle(segm: Any, w: int, h: int, record: str, path: Path) -> dict:
             rle = {"size": [h, w], "counts": counts.encode("ascii", "replace")}
             try:
                 mask_utils.area(rle)
-                mask_utils.decode(rle)
+                _decode(rle)
             except Exception as exc:  # pycocotools raises ValueError or its own errors on bad strings
                 raise SpecError(f"{record}: segmentation RLE counts cannot be decoded ({exc})", path) from None
             return rle
@@ -504,7 +518,7 @@ def _voc_file(xml: Path) -> tuple[str, tuple[int, int] | None, list[tuple[str, t
         if size is not None and (xmax > size[0] or ymax > size[1]):
             raise SpecError(f"{record}: bndbox xmax {xmax:g}, ymax {ymax:g} goes outside the "
                             f"{size[0]}x{size[1]} image", xml)
-        objects.append((cls, (xmin - 1, ymin - 1, xmax, ymax)))
+        objects.append((cls, tuple(_whole(v) for v in (xmin - 1, ymin - 1, xmax, ymax))))
     return name, size, objects
 
 
@@ -516,7 +530,7 @@ def _xml_number(parent: ET.Element, tag: str, record: str, xml: Path) -> float:
         value = None
     if value is None or not math.isfinite(value):
         raise SpecError(f"{record}: <{tag}> must be a number, got {text!r}", xml)
-    return int(value) if value == int(value) else value
+    return _whole(value)
 
 
 # -------------------------------------------------------------------------------------- ImageFolder
@@ -621,7 +635,7 @@ def _manifest_box(values: Sequence[Any], record: str, path: Path) -> tuple[float
     if x0 < 0 or y0 < 0:
         raise SpecError(f"{record}: box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] starts outside the image "
                         f"(pixel edges start at 0)", path)
-    return tuple(int(v) if v == int(v) else v for v in (x0, y0, x1, y1))
+    return tuple(_whole(v) for v in (x0, y0, x1, y1))
 
 
 def _csv_rows(path: Path):
