@@ -106,6 +106,7 @@ def _coco(tmp_path: Path, annotations: list[dict], images=None, categories=None)
     return path
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' oracle
 def test_coco_region_is_the_union_of_every_instance_of_the_class(tmp_path):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
