@@ -108,8 +108,8 @@ def copy_assets(case: dict, source_dir: Path, out_dir: Path, run_id: str) -> dic
         return mapping[rel]
 
     def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, dict):  # "sizes" is keyed by picture path
+            return {move(k): walk(v) for k, v in value.items()}
         if isinstance(value, list):
             return [walk(v) for v in value]
         return move(value)
