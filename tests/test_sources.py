@@ -146,10 +146,10 @@ def test_coco_label_is_the_class_with_the_largest_area_and_labels_map_restricts_
     path = _coco(tmp_path, anns)
     read = read_coco(path, tmp_path)
     assert [(c.id, c.label, c.model_labels) for c in read.cases] == [("a", "dog", ("dog",)),
-                                                                     ("sub/b", "cat", ("cat",))]
+                                                                     ("sub.b", "cat", ("cat",))]
     mapped = read_coco(path, tmp_path, labels_map={"cat": ["tabby", "tiger cat"]})
     assert [(c.id, c.label, c.model_labels) for c in mapped.cases] == [
-        ("a", "cat", ("tabby", "tiger cat")), ("sub/b", "cat", ("tabby", "tiger cat"))]
+        ("a", "cat", ("tabby", "tiger cat")), ("sub.b", "cat", ("tabby", "tiger cat"))]
     only_dog = read_coco(path, tmp_path, labels_map={"dog": "dog"})
     assert [c.id for c in only_dog.cases] == ["a"]
     assert only_dog.skipped == ("image 2 (sub/b.png): none of its classes (cat) is in labels_map",)
@@ -284,7 +284,7 @@ def test_csv_rows_of_one_image_join_their_boxes(tmp_path):
                     "img/a.png,cat,10,2,12.5,6,val\n")
     read = read_manifest(path)
     assert [(c.id, c.label, c.region) for c in read.cases] == [
-        ("img/a", "cat", [{"box": [1, 2, 5, 6]}, {"box": [10, 2, 12.5, 6]}]), ("img/b", "dog", None)]
+        ("img.a", "cat", [{"box": [1, 2, 5, 6]}, {"box": [10, 2, 12.5, 6]}]), ("img.b", "dog", None)]
     assert read.cases[0].image == tmp_path / "img" / "a.png"
 
 
@@ -341,3 +341,12 @@ def test_sample_is_deterministic_in_file_order_and_stable_when_the_set_grows(tmp
     assert {c.id for c in picked} == {c.id for c in ranked}
     assert {c.id for c in picked if c in cases[:200]} <= {c.id for c in smaller}
     assert sample(cases, None) == cases and sample(cases, 10_000) == cases
+
+
+def test_case_ids_from_paths_are_node_id_safe(tmp_path):
+    path = tmp_path / "cases.csv"
+    path.write_text("path,label\nval/n01/my cat:1.JPEG,cat\nval/n01/x.y.png,cat\n")
+    assert [c.id for c in read_manifest(path).cases] == ["val.n01.my_cat_1", "val.n01.x.y"]
+    path.write_text("path,label\na/b.png,cat\na.b.jpg,cat\n")
+    with pytest.raises(SpecError, match=r"line 3: case id 'a.b' is used twice \(also line 2\)"):
+        read_manifest(path)

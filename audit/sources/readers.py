@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -183,12 +184,20 @@ def _pick_label(areas: Mapping[str, float], order: Sequence[str],
     return max(usable, key=lambda c: (areas[c], -usable.index(c)))
 
 
+_ID_UNSAFE = re.compile(r"[\s:]|[^\x20-\x7e\u00a0-\uffff]")
+
+
 def _case_id(name: str) -> str:
-    """The case id of an image file: its path as written, posix, without the image suffix."""
+    """The case id of an image file: its path as written without the image suffix, ``/`` written as
+    ``.`` and whitespace, ``:`` or control characters as ``_``.
+
+    Ids end up in pytest node ids (``spec.yaml::<id>::focus``), where ``/``, ``::`` and whitespace
+    would break ``-k`` and ``--lf``; two files that map to one id are an error (``_unique_ids``).
+    """
     path = PurePosixPath(name.replace("\\", "/"))
     if path.suffix.lower() in IMAGE_SUFFIXES:
         path = path.with_suffix("")
-    return path.as_posix()
+    return _ID_UNSAFE.sub("_", ".".join(p for p in path.parts if p not in ("", "/", ".")))
 
 
 def _number(value: Any) -> float | None:
