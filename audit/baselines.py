@@ -20,10 +20,8 @@ import hashlib
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,8 +31,9 @@ import numpy as np
 from audit.checks import CheckResult, Metric
 from audit.errors import AuditError
 from audit.files import atomic_write
+from audit.versions import library_versions
 
-__all__ = ["Baseline", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
+__all__ = ["Baseline", "BaselineTolerance", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
            "pearson", "hot_iou", "topk_overlap", "prob_drift", "compare", "deltas", "HOT_FRACTION"]
 
 SCHEMA_VERSION = 1
@@ -49,6 +48,18 @@ _JSON_FIELDS = ("case_id", "cam_layer", "heatmap", "image_sha256", "model_finger
 
 
 # ------------------------------------------------------------------------------------------- record
+
+@dataclass(frozen=True)
+class BaselineTolerance:
+    """How far a run may drift from the recorded baseline (the ``baseline:`` key); these defaults are the
+    documented ones."""
+
+    top1_must_match: bool = True
+    min_topk_overlap: float = 0.6
+    max_prob_drift: float = 0.15
+    min_heatmap_correlation: float = 0.7
+    min_hot_iou: float = 0.4
+
 
 @dataclass(frozen=True, eq=False)
 class Baseline:
@@ -137,21 +148,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def current_versions() -> dict[str, str]:
-    """torch / torchvision / model-audit versions, without importing torch (metadata, or the loaded module)."""
-    from audit import __version__
-
-    out: dict[str, str] = {}
-    for name in ("torch", "torchvision"):
-        module = sys.modules.get(name)
-        version = getattr(module, "__version__", None) if module is not None else None
-        if version is None:
-            try:
-                version = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                version = "not installed"
-        out[name] = str(version)
-    out["model_audit"] = __version__
-    return out
+    """torch / torchvision / model-audit versions, without importing torch."""
+    return library_versions()
 
 
 # -------------------------------------------------------------------------------------------- store
@@ -339,10 +337,7 @@ def _now_probs(now: Baseline) -> dict[int, float]:
 # ------------------------------------------------------------------------------------------ compare
 
 def _get(tolerance: Any, name: str) -> Any:
-    if tolerance is None:
-        from audit.spec import BaselineTolerance
-        tolerance = BaselineTolerance()
-    return getattr(tolerance, name)
+    return getattr(tolerance if tolerance is not None else BaselineTolerance(), name)
 
 
 def _who(b: Baseline, index: int) -> str:

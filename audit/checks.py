@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-DEFAULT_MIN_ENERGY = 0.5
 """The energy floor of DESIGN.md, for the spec layer to apply when a focus check names no metric."""
 
 OK, FAIL = "ok", "FAIL"
@@ -344,7 +343,7 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
     if e.max_energy_in_avoid is not None and e.avoid is None:
         raise ValueError("max_energy_in_avoid was given but FocusExpectation.avoid is None")
     if not wants_region and e.max_energy_in_avoid is None:
-        raise ValueError("FocusExpectation requests no metric (the spec layer applies DEFAULT_MIN_ENERGY)")
+        raise ValueError("FocusExpectation requests no metric (the focus kind applies audit.defaults.MIN_ENERGY)")
     for mask in (e.region, e.avoid):
         if mask is not None:
             _validate(heat, mask)

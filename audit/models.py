@@ -638,3 +638,42 @@ def _listed(count: int, noun: str, items: Sequence[str], plural: str | None = No
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------ provided
+@dataclass(frozen=True, eq=False)
+class ProvidedModel:
+    """A model a user's own code builds (``pytest_audit_make_model`` in their ``conftest.py``).
+
+    ``module`` is any ``nn.Module`` returning logits; ``categories`` its class names (default "class i");
+    preprocessing squashes to ``input_size`` with ``mean``/``std`` unless ``preprocessing`` gives both modes.
+    """
+
+    module: nn.Module
+    categories: Sequence[str] | None = None
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    preprocessing: Mapping[str, Preprocessing] | None = None
+    source: str = ""
+
+
+def load_provided(arch: str, provided: "ProvidedModel | nn.Module", labels: str | Path | None = None,
+                  device: str = "cpu") -> LoadedModel:
+    """A model from the user's own code, wrapped like any other (labels, preprocessing, fingerprint)."""
+    target = _check_device(device)
+    if isinstance(provided, nn.Module):
+        provided = ProvidedModel(provided)
+    if not isinstance(provided, ProvidedModel) or not isinstance(provided.module, nn.Module):
+        raise ModelError(f"the model {arch!r} provided by pytest_audit_make_model is {type(provided).__name__}; "
+                         "return a torch.nn.Module or audit.models.ProvidedModel")
+    squash = Preprocessing("squash", int(provided.input_size), mean=tuple(provided.mean), std=tuple(provided.std))
+    preprocessing = dict(provided.preprocessing or {"squash": squash, "weights": squash})
+    outputs = _last_weight_rows(provided.module.state_dict())
+    categories = Categories(list(provided.categories)) if provided.categories else None
+    built = _Built(provided.module, None, len(categories) if categories else outputs, categories, preprocessing,
+                   provided.source or f"provided {arch} ({type(provided.module).__name__} from conftest.py)")
+    module = built.module.to(target).eval()
+    return LoadedModel(module=module, arch=arch, weights=None, checkpoint=None,
+                       categories=_categories(arch, built, labels), preprocessing=built.preprocessing,
+                       fingerprint=fingerprint(module), device=str(target), source=built.source)

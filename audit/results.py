@@ -10,30 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+
+from audit import records
+from audit.versions import library_versions
 
 CASE_PROP = "model_audit_case"
 CHECK_PROP = "model_audit_check"
 _ORDER = {"error": 3, "failed": 2, "skipped": 1, "passed": 0}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    return {"torch": version("torch"), "torchvision": version("torchvision"),
-            "model_audit": version("model-audit"), "python": platform.python_version()}
 
 
 class ResultCollector:
@@ -77,64 +65,52 @@ class ResultCollector:
         nodeid = item.ref.nodeid
         if nodeid not in self._case_json or error:
             record = self._case_record(item.ref, observation, audit, error)
-            self._case_json[nodeid] = json.dumps(record)
+            self._case_json[nodeid] = record.to_json()
         item.user_properties.append((CASE_PROP, self._case_json[nodeid]))
 
     def note_check(self, item: Any, result: Any) -> None:
         item.user_properties.append((CHECK_PROP, json.dumps(result.to_dict())))
 
-    def note_broken(self, item: Any, message: str) -> None:
-        record = {"nodeid": item.nodeid, "spec": str(item.path), "line": getattr(item.error, "line", None),
-                  "case_id": "(invalid spec)", "model": None, "image": None, "image_size": None,
-                  "top_k": [], "target": None, "checks": [], "regions": {}, "seen_box": None, "crops": False,
-                  "assets": {}, "baseline": None, "error": message, "features": []}
-        item.user_properties.append((CASE_PROP, json.dumps(record)))
+    def note_spec_check(self, item: Any, result: Any) -> None:
+        """A spec-scope check (gates, sanity) shows in the report as a case of its own."""
+        record = records.error_record(item.nodeid, str(item.spec.path), None, f"{item.spec.path.name} [{item.name}]",
+                                      None, None, None)
+        item.user_properties.append((CASE_PROP, record.to_json()))
+        self.note_check(item, result)
 
-    def _case_record(self, ref: Any, observation: Any, audit: Any, error: str | None) -> dict:
+    def note_broken(self, item: Any, message: str) -> None:
+        record = records.error_record(item.nodeid, str(item.path), getattr(item.error, "line", None),
+                                      "(invalid spec)", None, None, message)
+        item.user_properties.append((CASE_PROP, record.to_json()))
+
+    def _case_record(self, ref: Any, observation: Any, audit: Any, error: str | None) -> records.CaseRecord:
         from audit.session import model_label
 
         case = ref.case
-        record: dict[str, Any] = {
-            "nodeid": ref.nodeid, "spec": str(ref.spec.path), "line": case.location.line, "case_id": case.id,
-            "model": model_label(ref.model), "image": str(case.image), "image_size": None, "top_k": [],
-            "target": None, "checks": [], "regions": {"region": None, "avoid": None}, "seen_box": None,
-            "crops": False, "assets": {}, "baseline": None, "error": error, "features": []}
         if observation is None:
-            return record
-        from audit import regions
-        from audit.session import heat_for_report
-
-        prepared, e = observation.prepared, observation.explanation
-        engine = audit.engine(ref.model)
-        focus = case.focus
-        target = observation.target
-        record.update(
-            image_size=list(e.image_size),
-            top_k=[{"index": r.index, "label": r.label, "prob": r.prob, "expected": r.index in prepared.expected_labels}
-                   for r in e.top_k[:max(case.top_k, 5)]],
-            target={"index": target, "label": engine.label(target)},
-            regions={"region": regions.describe(list(focus.region)) if focus and focus.region else None,
-                     "avoid": regions.describe(list(focus.avoid)) if focus and focus.avoid else None},
-            seen_box=list(e.geometry.seen_box), crops=bool(e.geometry.crops),
-            features=[{"layer": f.layer, "shape": list(e.features[f.layer].shape),
-                       "shown": min(f.max_channels or _default_channels(f.layer, e), e.features[f.layer].shape[0])}
-                      for f in case.features],
-            observe_s=observation.seconds)
-        baseline_heat = None
-        if prepared.baseline_then is not None:
-            from audit.baselines import deltas
-
-            record["baseline"] = deltas(prepared.baseline_then, audit.baseline_now(observation))
-            baseline_heat = prepared.baseline_then.heatmap.astype(np.float32)
+            return records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
+                                        model_label(ref.model), str(case.image), error, case.location.record)
+        kinds = audit.kinds_for(case)
+        record = records.build(observation, kinds, model_label(ref.model))
         if self.asset_dir is not None:
             from audit import report
 
-            record["assets"] = report.render_case_assets(
-                self.asset_dir, ref.nodeid, prepared.image, heat_for_report(observation),
-                prepared.region_outlines, prepared.avoid_outlines, e.geometry.seen_box,
+            e = observation.explanation
+            outlines: dict[str, list] = {"expected": [], "avoid": []}
+            extra = {}
+            for kind in kinds:
+                prepared = observation.prepared.get(kind.name)
+                for region in kind.regions(prepared):
+                    outlines.setdefault(region.role, []).extend(region.outlines)
+                for key, picture in kind.pictures(prepared, observation).items():
+                    extra[(kind.name, key)] = picture
+            record.assets = report.render_case_assets(
+                self.asset_dir, ref.nodeid, observation.image, e.cams[observation.subject],
+                outlines["expected"], outlines["avoid"], e.geometry.seen_box,
                 {f.layer: e.features[f.layer] for f in case.features},
-                {f.layer: f.max_channels or _default_channels(f.layer, e) for f in case.features},
-                colormap=self.colormap, baseline_heat=baseline_heat)
+                {f.layer: f.max_channels or records.default_channels(e.features[f.layer].shape[0])
+                 for f in case.features},
+                colormap=self.colormap, extra=extra)
         return record
 
     # -- controller: rebuild from reports --------------------------------------------------------
@@ -144,6 +120,8 @@ class ResultCollector:
             return
         case = _case_from_json(props[CASE_PROP])
         stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
+        if case.get("kinds") and not stored.get("kinds"):
+            stored["kinds"] = case["kinds"]
         if case.get("assets") and not stored.get("assets"):
             stored.update({k: v for k, v in case.items() if k != "checks"})
         if case.get("error") and not stored.get("error"):
@@ -191,7 +169,7 @@ class ResultCollector:
 
         run = {"started": dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
                "duration_s": round(time.time() - self.started, 3), "models": list(self.models.values()),
-               "versions": _versions(), "counts": self.counts(), "args": list(config.invocation_params.args),
+               "versions": library_versions(python=True), "counts": self.counts(), "args": list(config.invocation_params.args),
                "device": self.device,
                "stats": self.stats}
         try:
@@ -227,13 +205,7 @@ def _case_from_json(text: str) -> dict:
 
     Callers copy before they change anything (``{**case, ...}``); the cache's dicts stay as parsed.
     """
-    return json.loads(text)
-
-
-def _default_channels(layer: str, explanation: Any) -> int:
-    """The classic notebook's grids: all 64 maps of an early layer, the first 72 of a deep one."""
-    channels = explanation.features[layer].shape[0]
-    return channels if channels <= 64 else 72
+    return records.CaseRecord.from_dict(json.loads(text)).as_dict()
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

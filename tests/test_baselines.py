@@ -13,7 +13,7 @@ import pytest
 
 from audit import baselines as B
 from audit.errors import AuditError
-from audit.spec import BaselineTolerance
+from audit.baselines import BaselineTolerance
 
 HEAT = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.125]], dtype=np.float32)
 

@@ -62,9 +62,10 @@ def test_switching_to_the_shortcut_model_fails_on_heatmap_correlation_and_report
         assert baseline["outcome"] == "failed"
         corr = next(m for m in baseline["metrics"] if m["name"] == "heatmap_correlation")
         assert corr["passed"] is False
-        assert case["baseline"]["top1_then"].split(")")[0] == case["baseline"]["top1_now"].split(")")[0]
-        for key in ("heatmap", "baseline_heatmap"):
-            assert (pytester.path / "reports" / case["assets"][key]).is_file()
+        deltas = case["kinds"]["baseline"]
+        assert deltas["top1_then"].split(")")[0] == deltas["top1_now"].split(")")[0]
+        for rel in (case["assets"]["heatmap"], case["assets"]["kinds"]["baseline"]["heatmap"]):
+            assert (pytester.path / "reports" / rel).is_file()
     html = (pytester.path / "reports" / "index.html").read_text()
     assert "baseline heatmap" in html
 
