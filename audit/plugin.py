@@ -300,13 +300,16 @@ class CheckItem(pytest.Item):
         if isinstance(excinfo.value, CheckFailed):
             case = self.ref.case
             line = case.line_of(_audit(self.config).kind(self.kind).line_key())
-            return f"{self.ref.spec.path}:{line}: {case.id} [{self.kind}] failed\n{excinfo.value.result.message}"
+            origin = f" ({case.location})" if case.location.record else ""   # a dataset record
+            return (f"{self.ref.spec.path}:{line}: {case.id}{origin} [{self.kind}] failed\n"
+                    f"{excinfo.value.result.message}")
         if isinstance(excinfo.value, AuditError):
             return str(excinfo.value)
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.ref.spec.path, self.ref.case.location.line - 1, f"{self.ref.case.id}::{self.kind}"
+        line = self.ref.case.location.line   # None for a case read from a dataset's annotation file
+        return self.ref.spec.path, line - 1 if line else None, f"{self.ref.case.id}::{self.kind}"
 
 
 class SpecCheckItem(pytest.Item):

@@ -37,6 +37,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
+from audit import regions
 from audit.errors import SpecError, closest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -50,13 +51,15 @@ image by at most this much is clipped to it; anything further out is an error in
 # ------------------------------------------------------------------------------------------- records
 
 @dataclass(frozen=True, eq=False)
-class RLEMask:
-    """One class's pixels as a COCO compressed RLE (``{"size": [h, w], "counts": bytes}``).
+class RLEMask(regions.Region):
+    """One class's pixels as a COCO compressed RLE (``{"size": [h, w], "counts": bytes}``): a region.
 
-    Kept compressed because a golden set holds thousands of them; ``array()`` decodes on demand.
+    Kept compressed because a golden set holds thousands of them; ``mask`` decodes on demand (one
+    case at a time, while it is prepared). ``name`` says where it came from, for messages.
     """
 
     rle: Mapping[str, Any] = field(repr=False)
+    name: str = "segmentation"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -72,9 +75,20 @@ class RLEMask:
         from pycocotools import mask as mask_utils
         return int(mask_utils.area(dict(self.rle)))
 
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        return regions.MaskArray(self.array(), self.name).mask(image_size, base_dir)
+
+    def outline(self, image_size, base_dir=".") -> list:
+        return regions.MaskArray(self.array(), self.name).outline(image_size, base_dir)
+
     def describe(self) -> str:
-        w, h = self.image_size
-        return f"segmentation ({self.area()} px of {w}x{h})"
+        return self.name
+
+
+def region_of(parts: Sequence[Any]) -> regions.Region:
+    """The typed region of an annotation's parts (boxes and RLE masks): one part, or their union."""
+    typed = [regions.parse(p) for p in parts]
+    return typed[0] if len(typed) == 1 else regions.Union(tuple(typed))
 
 
 def _decode(rle: Mapping[str, Any]) -> np.ndarray:
@@ -331,7 +345,8 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
             area_rles = []
             if rles:
                 merged = mask_utils.merge(rles) if len(rles) > 1 else rles[0]
-                region_parts.append(RLEMask(merged))
+                region_parts.append(RLEMask(merged, f"segmentation of {cat!r} ({len(rles)} instance"
+                                                    f"{'s' if len(rles) != 1 else ''})"))
                 area_rles.append(merged)
             if boxes:
                 region_parts.extend({"box": list(b)} for b in boxes)
