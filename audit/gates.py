@@ -42,7 +42,7 @@ class CaseOutcome:
     case_id: str
     label: str
     predicted: str | None
-    correct: bool
+    correct: bool | None
     pointing_hit: bool | None = None
     energy: float | None = None
     errored: bool = False
@@ -120,21 +120,50 @@ class SetMetrics:
                    errored_ids=tuple(raw.get("errored_ids", ())))
 
 
+def outcome_of(case: Mapping[str, Any], label: str | None) -> CaseOutcome | None:
+    """A case's outcome from its record and its checks (``{"record": ..., "checks": [{kind, outcome,
+    metrics}]}``, the shape results.json and :mod:`audit.setrecords` hold); None for a case that did
+    not run at all (every check skipped: model unavailable, deselected baseline).
+
+    Top-1 correctness is the ``top1_is_label`` metric (else ``top1``) of its prediction check; pointing
+    and energy are the focus check's ``pointing_game`` and ``energy_inside``.
+    """
+    record = case.get("record") or case
+    checks = list(case["checks"].values()) if isinstance(case.get("checks"), dict) else list(case.get("checks") or [])
+    if checks and all(c.get("outcome") == "skipped" for c in checks):
+        return None
+    errored = bool(record.get("error")) or any(c.get("outcome") == "error" for c in checks)
+    metrics = {m.get("name"): m for c in checks for m in c.get("metrics") or []}
+    top_k = record.get("top_k") or []
+    predicted = top_k[0].get("label") if top_k and not errored else None
+    top1 = metrics.get("top1_is_label") or metrics.get("top1")
+    correct = False if errored else (bool(top1["passed"]) if top1 is not None else None)
+    has_focus = any(c.get("kind") == "focus" for c in checks)
+    point = metrics.get("pointing_game")
+    hit = (False if errored and has_focus else None) if point is None else bool(point["value"])
+    energy = metrics.get("energy_inside")
+    return CaseOutcome(case_id=str(record.get("case_id")), label=str(label) if label is not None else "(no label)",
+                       predicted=predicted, correct=correct, pointing_hit=hit,
+                       energy=None if energy is None or errored else float(energy["value"]), errored=errored)
+
+
 def set_metrics(outcomes: Iterable[CaseOutcome]) -> SetMetrics:
     """Aggregate the outcomes; classes keep the order of their first case."""
     outcomes = list(outcomes)
     by_class: dict[str, list[CaseOutcome]] = {}
     for o in outcomes:
         by_class.setdefault(o.label, []).append(o)
+    judged = [o for o in outcomes if o.correct is not None]   # cases with a top-1 expectation
     per_class = {}
     for label, items in by_class.items():
         points = [o.pointing_hit for o in items if o.pointing_hit is not None]
         energies = [o.energy for o in items if o.energy is not None]
-        per_class[label] = ClassStats(label, len(items), sum(bool(o.correct) for o in items), len(points),
+        top1 = [o for o in items if o.correct is not None]
+        per_class[label] = ClassStats(label, len(top1), sum(bool(o.correct) for o in top1), len(points),
                                       sum(bool(p) for p in points), _median(energies))
     points = [o.pointing_hit for o in outcomes if o.pointing_hit is not None]
     energies = [o.energy for o in outcomes if o.energy is not None]
-    return SetMetrics(n=len(outcomes), correct=sum(bool(o.correct) for o in outcomes),
+    return SetMetrics(n=len(judged), correct=sum(bool(o.correct) for o in judged),
                       errored=sum(bool(o.errored) for o in outcomes), per_class=per_class,
                       pointing_n=len(points), pointing_hits=sum(bool(p) for p in points),
                       energy_n=len(energies), median_energy=_median(energies),
@@ -190,15 +219,20 @@ def evaluate_gates(metrics: SetMetrics, gates: Gates, baseline: SetMetrics | Non
     missing baseline means: skip under a normal run, error under ``--audit-strict``).
     """
     results: list[tuple[Metric, str]] = []
-    if metrics.n == 0:
+    if metrics.n == 0 and metrics.pointing_n == 0 and metrics.energy_n == 0:
         return CheckResult("gates", False, "gates: no case of this spec ran, so there is nothing to gate")
-    if gates.min_top1_accuracy is not None:
+    if metrics.n == 0 and (gates.min_top1_accuracy is not None or gates.min_per_class_recall is not None
+                           or gates.uses_baseline):
+        results.append(_unmeasured("top1_accuracy", gates.min_top1_accuracy or 0.0,
+                                   "no case checked its top-1 (defaults: expect: {top1_is_label: true})"))
+    elif gates.min_top1_accuracy is not None:
         results.append(_at_least("top1_accuracy", metrics.accuracy, gates.min_top1_accuracy,
                                  f"{metrics.correct} of {metrics.n} cases have the label as top-1"
                                  + (f" ({metrics.errored} errored, counted wrong)" if metrics.errored else "")))
-    if gates.min_per_class_recall is not None:
-        worst = min(metrics.per_class.values(), key=lambda s: (s.recall, s.label))
-        below = [s.label for s in metrics.per_class.values() if s.recall < gates.min_per_class_recall - EPS]
+    if gates.min_per_class_recall is not None and metrics.n:
+        judged = [s for s in metrics.per_class.values() if s.n]
+        worst = min(judged, key=lambda s: (s.recall, s.label))
+        below = [s.label for s in judged if s.recall < gates.min_per_class_recall - EPS]
         reason = (f"lowest: {worst.label!r} {worst.correct}/{worst.n}"
                   + (f"; below the floor: {', '.join(repr(b) for b in below)}" if below else ""))
         results.append(_at_least("min_class_recall", worst.recall, gates.min_per_class_recall, reason))
@@ -217,7 +251,7 @@ def evaluate_gates(metrics: SetMetrics, gates: Gates, baseline: SetMetrics | Non
         else:
             results.append(_at_least("median_energy", metrics.median_energy, gates.min_median_energy,
                                      f"median share of heat inside the annotation over {metrics.energy_n} cases"))
-    if baseline is not None:
+    if baseline is not None and metrics.n:
         if gates.max_accuracy_drop is not None:
             drop = baseline.accuracy - metrics.accuracy
             results.append(_at_most("accuracy_drop", drop, gates.max_accuracy_drop,
@@ -225,7 +259,8 @@ def evaluate_gates(metrics: SetMetrics, gates: Gates, baseline: SetMetrics | Non
                                     f"{metrics.accuracy:.3f} now"))
         if gates.max_class_recall_drop is not None:
             drops = {label: baseline.per_class[label].recall - s.recall
-                     for label, s in metrics.per_class.items() if label in baseline.per_class}
+                     for label, s in metrics.per_class.items()
+                     if s.n and label in baseline.per_class and baseline.per_class[label].n}
             if drops:
                 label = max(drops, key=lambda k: (drops[k], k))
                 results.append(_at_most("max_class_recall_drop", drops[label], gates.max_class_recall_drop,
@@ -239,7 +274,8 @@ def evaluate_gates(metrics: SetMetrics, gates: Gates, baseline: SetMetrics | Non
                                            "min_per_class_recall, min_pointing_game_rate, min_median_energy)")
     failed = [(m, r) for m, r in results if not m.passed]
     metric_tuple = tuple(m for m, _ in results)
-    scope = f"{metrics.n} cases" + (f", {metrics.errored} errored" if metrics.errored else "")
+    total = max(metrics.n, metrics.pointing_n, metrics.energy_n)
+    scope = f"{total} cases" + (f", {metrics.errored} errored" if metrics.errored else "")
     if not failed:
         return CheckResult("gates", True, f"gates: all {len(results)} met over {scope}: "
                            + ", ".join(str(m) for m in metric_tuple), metric_tuple)
@@ -254,7 +290,7 @@ def evaluate_gates(metrics: SetMetrics, gates: Gates, baseline: SetMetrics | Non
 
 def class_table(metrics: SetMetrics, baseline: SetMetrics | None = None) -> list[str]:
     """The per-class table of a failure message, worst recall first."""
-    rows = sorted(metrics.per_class.values(), key=lambda s: (s.recall, s.label))
+    rows = sorted(metrics.per_class.values(), key=lambda s: (s.recall if s.n else 2.0, s.label))
     width = max([len("class")] + [len(s.label) for s in rows])
     head = f"  {'class':<{width}}  {'n':>5}  {'recall':>6}  {'pointing':>8}  {'energy':>6}"
     if baseline is not None:
@@ -263,7 +299,8 @@ def class_table(metrics: SetMetrics, baseline: SetMetrics | None = None) -> list
     for s in rows:
         point = f"{s.pointing_rate:.3f}" if s.pointing_rate is not None else "-"
         energy = f"{s.median_energy:.3f}" if s.median_energy is not None else "-"
-        line = f"  {s.label:<{width}}  {s.n:>5}  {s.recall:>6.3f}  {point:>8}  {energy:>6}"
+        recall = f"{s.recall:.3f}" if s.n else "-"
+        line = f"  {s.label:<{width}}  {s.n:>5}  {recall:>6}  {point:>8}  {energy:>6}"
         if baseline is not None:
             then = baseline.per_class.get(s.label)
             line += f"  {(f'{then.recall:.3f}' if then else 'new'):>11}"

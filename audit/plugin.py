@@ -31,6 +31,7 @@ from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
 SESSION_KEY = pytest.StashKey["Any"]()
 RESULTS_KEY = pytest.StashKey["Any"]()
+SHARE_KEY = pytest.StashKey["Any"]()
 REGISTRY_KEY = pytest.StashKey["Any"]()
 
 
@@ -59,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the report as one HTML file with the images inlined")
     group.addoption("--audit-colormap", default=defaults.COLORMAP, choices=list(defaults.COLORMAPS),
                     help="colormap of heatmaps and overlays in the report (default jet, as the classic notebook)")
+    group.addoption("--audit-shard", default=None, metavar="K/N",
+                    help="run only shard K of N (deterministic by spec path and case id; every check of a "
+                         "case in one shard); combine the shards' reports with model-audit merge")
     group.addoption("--audit-update-baselines", action="store_true", default=False,
                     help="record baselines (predictions and heatmaps) instead of comparing against them")
 
@@ -112,10 +116,46 @@ def pytest_configure(config: pytest.Config) -> None:
 
         warm_up(page=False)   # this worker draws pictures; the controller writes the page
     config.stash[RESULTS_KEY] = collector
+    _configure_set_records(config, worker)
     if worker is None:
         config.pluginmanager.register(collector, "model-audit-results")  # its pytest_runtest_logreport
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(collector), "model-audit-xdist")
+
+
+def _configure_set_records(config: pytest.Config, worker: Any) -> None:
+    """What spec-scope items (gates) need: every case's outcomes, and the shard of a sharded run.
+
+    Under xdist the controller creates a private folder for the run and every worker appends its
+    cases' outcomes there (:mod:`audit.setrecords`); the controller removes it at the end.
+    """
+    import tempfile
+
+    from audit.setrecords import CaseResults
+    from audit.shards import parse_shard
+
+    audit = config.stash[SESSION_KEY]
+    shard_text = config.getoption("audit_shard")
+    try:
+        audit.shard = parse_shard(shard_text) if shard_text else None
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    share = None
+    if worker is not None:
+        share = worker.get("audit_share_dir")
+    elif config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
+        share = tempfile.mkdtemp(prefix="model-audit-cases-")
+        config.stash[SHARE_KEY] = share
+    audit.case_results = CaseResults(share, worker.get("workerid") if worker else None)
+    config.pluginmanager.register(audit.case_results, "model-audit-case-results")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    share = config.stash.get(SHARE_KEY, None)
+    if share:
+        import shutil
+
+        shutil.rmtree(share, ignore_errors=True)
 
 
 class _XdistHooks:
@@ -127,6 +167,7 @@ class _XdistHooks:
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["audit_run_id"] = self.collector.run_id
+        node.workerinput["audit_share_dir"] = node.config.stash.get(SHARE_KEY, None)
         # only loadfile hands a worker whole spec files; loadscope's scope of "spec.yaml::case::check"
         # is the case, so looking ahead there would observe cases that other workers run
         by_file = node.config.getoption("dist", "load") == "loadfile"
@@ -156,12 +197,41 @@ def _case_scheduling(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class CaseScheduling(LoadScopeScheduling):
+        """Also holds spec-scope items (``spec.yaml::gates``) back until every other item completed:
+        they judge the records of cases that other workers run, and a worker blocked on one of them
+        must never hold a case it waits for in its own queue."""
+
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
                 return nodeid.rsplit("::", 1)[0]    # spec.yaml::case::check → spec.yaml::case
             return nodeid
 
-    return CaseScheduling(config, log)
+        def _held(self, scope: str) -> bool:
+            return scope.split("::", 1)[0].endswith((".yaml", ".yml")) and scope.count("::") == 1
+
+        def _others_done(self) -> bool:
+            if any(not self._held(scope) for scope in self.workqueue):
+                return False
+            return all(done for work in self.assigned_work.values() for scope, unit in work.items()
+                       if not self._held(scope) for done in unit.values())
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if self.workqueue and self._held(next(iter(self.workqueue))) and not self._others_done():
+                free = next((scope for scope in self.workqueue if not self._held(scope)), None)
+                if free is None:
+                    return   # the node waits idle; mark_test_complete hands it the spec items later
+                self.workqueue.move_to_end(free, last=False)
+            super()._assign_work_unit(node)
+
+        def mark_test_complete(self, node: Any, item_index: int, duration: float = 0) -> None:
+            super().mark_test_complete(node, item_index, duration)
+            if self._others_done():
+                for other in self.nodes:
+                    if other is not node:
+                        self._reschedule(other)
+
+    scheduler = CaseScheduling(config, log)
+    return scheduler
 
 
 def _audit(config: pytest.Config):
@@ -322,7 +392,20 @@ class SpecCheckItem(pytest.Item):
         self.add_marker(pytest.mark.audit(kind.name))
 
     def runtest(self) -> None:
-        result = self.kind.check_spec(self.spec, _audit(self.config))
+        from audit.kinds.baseline import NoBaseline
+        from audit.kinds.gates import NotGated
+
+        problem = None
+        try:
+            result = self.kind.check_spec(self.spec, _audit(self.config))
+        except NotGated as exc:   # a sharded run (model-audit merge decides), or no case selected
+            problem = exc
+        except NoBaseline as exc:
+            if _setting(self.config, "audit_strict"):
+                pytest.fail(f"{exc} [--audit-strict]", pytrace=False)
+            problem = exc
+        if problem is not None:
+            pytest.skip(f"model-audit: {problem}")
         _results(self.config).note_spec_check(self, result)
         if not result.passed:
             raise CheckFailed(result)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 from audit.errors import AuditError, UnknownNameError, closest
 
 #: built-in check kinds, in item order (each module has ``KIND``)
-BUILTIN_CHECK_KINDS = ("audit.kinds.prediction", "audit.kinds.focus", "audit.kinds.baseline")
+BUILTIN_CHECK_KINDS = ("audit.kinds.prediction", "audit.kinds.focus", "audit.kinds.baseline", "audit.kinds.gates")
 #: built-in case sources (each module has ``SOURCE``)
 BUILTIN_CASE_SOURCES = ("audit.sources.yaml_cases", "audit.sources.dataset")
 #: the module holding the built-in CAM methods (its ``METHODS``: name -> method)
