@@ -128,7 +128,7 @@ def outcome_of(case: Mapping[str, Any], label: str | None) -> CaseOutcome | None
     Top-1 correctness is the ``top1_is_label`` metric (else ``top1``) of its prediction check; pointing
     and energy are the focus check's ``pointing_game`` and ``energy_inside``.
     """
-    record = case.get("record") or case
+    record = case["record"] if isinstance(case.get("record"), dict) else case
     checks = list(case["checks"].values()) if isinstance(case.get("checks"), dict) else list(case.get("checks") or [])
     if checks and all(c.get("outcome") == "skipped" for c in checks):
         return None
@@ -148,14 +148,14 @@ def outcome_of(case: Mapping[str, Any], label: str | None) -> CaseOutcome | None
 
 
 def set_metrics(outcomes: Iterable[CaseOutcome]) -> SetMetrics:
-    """Aggregate the outcomes; classes keep the order of their first case."""
+    """Aggregate the outcomes; classes in name order, so shards merged in any order give one result."""
     outcomes = list(outcomes)
     by_class: dict[str, list[CaseOutcome]] = {}
     for o in outcomes:
         by_class.setdefault(o.label, []).append(o)
     judged = [o for o in outcomes if o.correct is not None]   # cases with a top-1 expectation
     per_class = {}
-    for label, items in by_class.items():
+    for label, items in sorted(by_class.items()):
         points = [o.pointing_hit for o in items if o.pointing_hit is not None]
         energies = [o.energy for o in items if o.energy is not None]
         top1 = [o for o in items if o.correct is not None]

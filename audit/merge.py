@@ -53,8 +53,9 @@ def merge_docs(docs: Sequence[Mapping[str, Any]],
         where = str(doc.get("_path", "results.json"))
         for case in doc["cases"]:
             nodeid = case.get("nodeid") or case.get("case_id")
-            if case.get("scope") == "spec":
-                continue
+            checks = case.get("checks") or []
+            if case.get("scope") == "spec" or (checks and all(c.get("kind") == "gates" for c in checks)):
+                continue   # a shard's gates saw part of the set: rebuilt over all shards by regate
             if nodeid in seen:
                 raise AuditError(f"{where}: case {nodeid} is also in {seen[nodeid]}: the shards overlap "
                                  f"(run every shard with the same --audit-shard K/N and the same specs)")
@@ -137,6 +138,47 @@ def merge(folders: Sequence[Path | str], out_dir: Path | str, self_contained: bo
     run, cases = merge_docs(docs, regate)
     index = report.write_report(out_dir, run, cases, run_id, self_contained=self_contained)
     return index, run
+
+
+def regate_from_specs(cases: list[dict]) -> list[dict]:
+    """Each spec's gates over the merged case records, as the record a ``spec.yaml::gates`` item writes.
+
+    The gates' thresholds and the cases' labels come from the spec files themselves (paths as the
+    records hold them: run the merge from the folder the shards ran in, as a CI job does).
+    """
+    from audit import gates as G
+    from audit.baselines import BaselineStore
+    from audit.kinds.gates import BASELINE_FILE, load_baseline, outcomes
+    from audit.spec import load_spec
+
+    by_spec: dict[str, list[dict]] = {}
+    for case in cases:
+        if case.get("spec"):
+            by_spec.setdefault(case["spec"], []).append(case)
+    out = []
+    for spec_path, spec_cases in by_spec.items():
+        try:
+            spec = load_spec(spec_path)
+        except AuditError as exc:
+            raise AuditError(f"cannot recompute the gates of {spec_path}: {exc}") from None
+        gates = spec.checks.get("gates")
+        if gates is None:
+            continue
+        metrics = G.set_metrics(outcomes(spec, spec_cases))
+        baseline = None
+        if gates.uses_baseline:
+            baseline = load_baseline(BaselineStore(spec.path).folder / BASELINE_FILE)
+        result = G.evaluate_gates(metrics, gates, baseline)
+        message = result.message
+        if gates.uses_baseline and baseline is None:
+            message += "\n(no set-level baseline recorded: the baseline gates were not evaluated)"
+        nodeid = f"{spec_path}::gates"
+        out.append({"nodeid": nodeid, "spec": spec_path, "line": None, "case_id": f"{Path(spec_path).name} [gates]",
+                    "model": None, "image": None, "top_k": [], "checks": [
+                        {"kind": "gates", "outcome": "passed" if result.passed else "failed", "message": message,
+                         "metrics": [m.to_dict() for m in result.metrics], "nodeid": nodeid}],
+                    "error": None, "assets": {}, "kinds": {"gates": {"metrics": metrics.to_dict()}}})
+    return out
 
 
 def verdict(run: Mapping[str, Any]) -> int:

@@ -422,7 +422,17 @@ class SpecCheckItem(pytest.Item):
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    """Spec-scope items run after every case item (they judge the cases' records)."""
+    """Spec-scope items run after every case item (they judge the cases' records); ``--audit-shard K/N``
+    keeps the cases of shard K (all checks of a case together)."""
+    shard = getattr(_audit(config), "shard", None)
+    if shard is not None:
+        keep, drop = [], []
+        for item in items:
+            inside = not isinstance(item, CheckItem) or shard.holds(item.ref.spec.path, item.ref.case.id)
+            (keep if inside else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     spec_items = [item for item in items if isinstance(item, SpecCheckItem)]
     if spec_items:
         items[:] = [item for item in items if not isinstance(item, SpecCheckItem)] + spec_items

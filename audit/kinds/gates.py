@@ -111,7 +111,7 @@ def outcomes(spec: Any, cases: list[dict]) -> list[G.CaseOutcome]:
     labels = {c.id: (c.label if c.label is not None else _expected_top1(c)) for c in spec.cases}
     found = []
     for case in cases:
-        record = case.get("record") or {}
+        record = case["record"] if isinstance(case.get("record"), dict) else case
         outcome = G.outcome_of(case, labels.get(record.get("case_id")))
         if outcome is not None:
             found.append(outcome)
