@@ -19,6 +19,7 @@ are named in one warning, never dropped silently.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,8 +70,9 @@ class DatasetSource(CaseSource):
 
     def cases(self, raw: Any, ctx: Any) -> Iterator[SourceCase]:
         read = self.read(raw, ctx)
+        base = Path(ctx.base_dir)
         for case in readers.sample(read.cases, raw.get("limit")):
-            yield SourceCase(raw=case_raw(case),
+            yield SourceCase(raw=case_raw(case, base),
                              location=Location(case.source, None, f"dataset[{case.id}]", record=case.record))
 
     def read(self, raw: Any, ctx: Any) -> readers.DatasetRead:
@@ -120,9 +122,11 @@ class DatasetWarning(UserWarning):
     """Images of a golden set that are not cases (no annotation, class not in labels_map)."""
 
 
-def case_raw(case: readers.DatasetCase) -> dict:
-    """A dataset case in YAML form: what the spec builder merges ``defaults`` into."""
-    return {"id": case.id, "image": str(case.image), "label": case.label, "labels": list(case.model_labels),
+def case_raw(case: readers.DatasetCase, base_dir: Path) -> dict:
+    """A dataset case in YAML form: what the spec builder merges ``defaults`` into (the image path
+    relative to the spec's folder, as a hand-written case has it)."""
+    image = case.image if case.image.is_absolute() else Path(os.path.relpath(case.image, base_dir))
+    return {"id": case.id, "image": image.as_posix(), "label": case.label, "labels": list(case.model_labels),
             "annotations": {name: readers.region_of(parts) for name, parts in case.annotations.items()}}
 
 
