@@ -176,23 +176,31 @@ def test_shipped_golden_set_catches_the_shortcut_twin_at_the_set_level(pytester)
         if child.name != "golden.yaml":
             (twin / child.name).symlink_to(child)
     (twin / "golden.yaml").write_text(SHIPPED.read_text().replace("arch: shapes_vgg}", "arch: shapes_vgg_shortcut}"))
-    result = pytester.runpytest(str(twin / "golden.yaml"), "-p", "no:cacheprovider", "-k", "gates or prediction")
+    result = pytester.runpytest(str(twin / "golden.yaml"), "-p", "no:cacheprovider")
     text = result.stdout.str()
     assert "top1_accuracy=1.00 >= 0.95 ok" in text and "min_class_recall=1.00 >= 0.90 ok" in text
     assert "pointing_game_rate=0.06 >= 0.85 FAIL" in text and "median_energy=0.02 >= 0.50 FAIL" in text
-    result.assert_outcomes(passed=120, failed=1)
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] >= 120 and outcomes["failed"] >= 1 + 100   # predictions pass, focus mostly fails
 
 
 @pytest.mark.slow
 def test_gates_under_xdist_equal_a_serial_run(pytester):
     golden(pytester.path, "coco", n=24, arch="shapes_vgg_shortcut", marker=True)
-    serial = pytester.runpytest("-p", "no:cacheprovider", "-k", "gates or prediction")
-    parallel = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-k", "gates or prediction")
+    serial = pytester.runpytest("-p", "no:cacheprovider")
+    parallel = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     def gate_lines(text: str) -> list[str]:
-        return [line for line in text.splitlines() if "FAIL" in line or " ok" in line and "=" in line]
+        lines = text.splitlines()
+        start = lines.index("golden.yaml: [gates] failed")
+        block = [lines[start + 1]]
+        for line in lines[start + 2:]:
+            if not line.startswith("  "):
+                break
+            block.append(line)
+        return block
     assert gate_lines(parallel.stdout.str()) == gate_lines(serial.stdout.str())
-    assert gate_lines(serial.stdout.str())
-    parallel.assert_outcomes(passed=24, failed=1)
+    assert any("pointing_game_rate=" in line for line in gate_lines(serial.stdout.str()))
+    assert parallel.parseoutcomes() == {k: v for k, v in serial.parseoutcomes().items() if k != "warnings"}
 
 
 @pytest.mark.slow
