@@ -19,6 +19,9 @@ from typing import Any
 
 from audit.results import CASE_PROP, CHECK_PROP
 
+GATE_METRICS = frozenset({"top1_is_label", "top1", "pointing_game", "energy_inside"})
+"""The check metrics :func:`audit.gates.outcome_of` reads; the others are not kept here."""
+
 WAIT_S = 60.0
 """How long a spec-scope item waits without any new record before it gives up on the missing ones."""
 
@@ -53,9 +56,12 @@ class CaseResults:
         record = json.loads(props[CASE_PROP])
         check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
+        # only what a set-level gate reads: 10,000 cases must not hold 10,000 copies of every record
         line = {"case": record.get("nodeid"), "check": report.nodeid, "kind": check.get("kind"),
-                "outcome": outcome, "metrics": check.get("metrics", []),
-                "record": {k: record.get(k) for k in ("case_id", "spec", "top_k", "error")}}
+                "outcome": outcome,
+                "metrics": [m for m in check.get("metrics", []) if m.get("name") in GATE_METRICS],
+                "record": {"case_id": record.get("case_id"), "top_k": (record.get("top_k") or [])[:1],
+                           "error": bool(record.get("error"))}}
         self._add(line)
         if self.share_dir is not None:
             self._write(line)
