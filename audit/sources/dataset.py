@@ -104,8 +104,9 @@ class DatasetSource(CaseSource):
             else:
                 read = readers.read_manifest(source, images, labels_map)
         except SpecError as exc:
-            if exc.path is None:   # labels_map problems: they are the spec's, at its line
-                raise ctx.error("dataset.labels_map", exc.message) from None
+            if exc.path is None:   # the spec's own problems (labels_map, a missing library): at its line
+                key = "dataset.labels_map" if exc.message.startswith("labels_map:") else f"dataset.{fmt}"
+                raise ctx.error(key, exc.message) from None
             raise
         if not read.cases:
             raise ctx.error(f"dataset.{fmt}", f"{raw[fmt]} holds no usable image"

@@ -72,7 +72,7 @@ class RLEMask(regions.Region):
         return _decode(self.rle)
 
     def area(self) -> int:
-        from pycocotools import mask as mask_utils
+        mask_utils = coco_masks()
         return int(mask_utils.area(dict(self.rle)))
 
     def mask(self, image_size, base_dir=".") -> np.ndarray:
@@ -91,10 +91,20 @@ def region_of(parts: Sequence[Any]) -> regions.Region:
     return typed[0] if len(typed) == 1 else regions.Union(tuple(typed))
 
 
+def coco_masks() -> Any:
+    """pycocotools' mask module (the optional ``datasets`` extra), or a one-line error saying how to get it."""
+    try:
+        from pycocotools import mask as mask_utils
+    except ModuleNotFoundError:
+        raise SpecError("COCO annotations need pycocotools: pip install 'model-audit[datasets]' "
+                        "(or pip install pycocotools)") from None
+    return mask_utils
+
+
 def _decode(rle: Mapping[str, Any]) -> np.ndarray:
     """pycocotools' decode as bool; its NumPy-2 DeprecationWarning (``__array__`` without ``copy``)
     is about pycocotools' own code and silenced for this call only."""
-    from pycocotools import mask as mask_utils
+    mask_utils = coco_masks()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*__array__")
         return mask_utils.decode(dict(rle)).astype(bool)
@@ -329,7 +339,7 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
         else:
             boxes.append(box)
 
-    from pycocotools import mask as mask_utils
+    mask_utils = coco_masks()
     cases: list[DatasetCase] = []
     skipped: list[str] = []
     for iid, (name, w, h) in image_info.items():
@@ -391,7 +401,7 @@ def _coco_bbox(raw: Any, w: int, h: int, record: str, path: Path) -> tuple[float
 
 def _coco_rle(segm: Any, w: int, h: int, record: str, path: Path) -> dict:
     """Any COCO segmentation as one compressed RLE, through pycocotools like COCO.annToRLE."""
-    from pycocotools import mask as mask_utils
+    mask_utils = coco_masks()
     if isinstance(segm, list):
         polygons = []
         for j, poly in enumerate(segm):

@@ -118,7 +118,8 @@ class _CocoWriter:
         ann = {"id": len(self.annotations) + 1, "image_id": image_id, "category_id": scene.label + 1,
                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(scene.mask.sum()), "iscrowd": 0}
         if segmentation == "rle":
-            from pycocotools import mask as mask_utils
+            from audit.sources.readers import coco_masks
+            mask_utils = coco_masks()
             rle = mask_utils.encode(np.asfortranarray(scene.mask.astype(np.uint8)))
             ann["segmentation"] = {"size": [int(v) for v in rle["size"]],
                                    "counts": rle["counts"].decode("ascii")}
