@@ -197,38 +197,16 @@ def _case_scheduling(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class CaseScheduling(LoadScopeScheduling):
-        """Also holds spec-scope items (``spec.yaml::gates``) back until every other item completed:
-        they judge the records of cases that other workers run, and a worker blocked on one of them
-        must never hold a case it waits for in its own queue."""
+        """Spec-scope items (``spec.yaml::gates``) are last in the collection and so last in the work
+        queue: by the time one is handed out every case item has been handed out before it, to its
+        worker's queue ahead of anything later, and the gates item waits for their records
+        (:mod:`audit.setrecords`). It must not be held back here: a worker runs its last item only
+        once it gets another one or the shutdown, so holding work back stalls the run."""
 
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
                 return nodeid.rsplit("::", 1)[0]    # spec.yaml::case::check → spec.yaml::case
             return nodeid
-
-        def _held(self, scope: str) -> bool:
-            return scope.split("::", 1)[0].endswith((".yaml", ".yml")) and scope.count("::") == 1
-
-        def _others_done(self) -> bool:
-            if any(not self._held(scope) for scope in self.workqueue):
-                return False
-            return all(done for work in self.assigned_work.values() for scope, unit in work.items()
-                       if not self._held(scope) for done in unit.values())
-
-        def _assign_work_unit(self, node: Any) -> None:
-            if self.workqueue and self._held(next(iter(self.workqueue))) and not self._others_done():
-                free = next((scope for scope in self.workqueue if not self._held(scope)), None)
-                if free is None:
-                    return   # the node waits idle; mark_test_complete hands it the spec items later
-                self.workqueue.move_to_end(free, last=False)
-            super()._assign_work_unit(node)
-
-        def mark_test_complete(self, node: Any, item_index: int, duration: float = 0) -> None:
-            super().mark_test_complete(node, item_index, duration)
-            if self._others_done():
-                for other in self.nodes:
-                    if other is not node:
-                        self._reschedule(other)
 
     scheduler = CaseScheduling(config, log)
     return scheduler

@@ -4,10 +4,10 @@ A ``spec.yaml::gates`` item computes set-level numbers from every case of its sp
 those cases ran in the same process; under pytest-xdist they ran on several workers, and a worker only
 sees its own reports. So each process keeps what its reports say (the same ``user_properties`` the
 controller's report is built from), and under xdist each worker also appends it, one JSON line per
-check, to its own file in a folder the controller created for the run. The scheduler
-(``plugin._case_scheduling``) hands out spec-scope items only after every case item completed, so by
-then every line has been written and flushed; the reader still waits (bounded) for lines that are
-missing, so that other ``--dist`` modes fail with a message instead of gating on part of the set.
+check, to its own file in a folder the controller created for the run. Spec-scope items come last
+in the collection, so every case item has been handed to a worker before them; the gates item waits
+(bounded: ``WAIT_S`` without a new line) for the lines still missing, and fails with a message rather
+than gate on part of the set.
 """
 from __future__ import annotations
 

@@ -235,3 +235,13 @@ def test_set_level_baseline_is_recorded_and_a_drop_fails(pytester):
     path.write_text(path.read_text().replace("arch: shapes_vgg}", "arch: shapes_vgg_shortcut}"))
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "gates or prediction")
     result.stdout.fnmatch_lines(["*accuracy_drop=0.* <= 0.05 FAIL: top-1 accuracy 1.000 at the baseline*"])
+
+
+@pytest.mark.slow
+def test_gates_under_xdist_with_one_check_per_case(pytester):
+    """A case whose only item is its prediction has the scope ``spec.yaml::case``, one ``::`` like the
+    gates item itself; and a worker runs its last case only once it gets more work or the shutdown."""
+    golden(pytester.path, "folder")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-rA")
+    result.stdout.fnmatch_lines(["PASSED golden.yaml::gates"])
+    result.assert_outcomes(passed=13)
