@@ -276,7 +276,7 @@ class AuditSession:
     def cam_method_of(self, model: ModelSpec) -> str:
         """The CAM method a model spec asks for (checked against the registry), default Grad-CAM."""
         name = model.cam_method or defaults.CAM_METHOD
-        if self.registry.cam_methods and name not in self.registry.cam_methods:
+        if name != defaults.CAM_METHOD and name not in self.registry.cam_methods:
             self.registry.cam_method(name)   # raises UnknownNameError with the close names
         return name
 

@@ -146,7 +146,7 @@ def test_spec_without_optional_keys_gets_documented_defaults(tmp_path):
     case = one_case(tmp_path, "")
     spec = load_spec(tmp_path / "spec.yaml")
     assert spec.model.weights is None and spec.model.preprocess == "squash" and spec.model.seed is None
-    assert case.top_k == 5 and case.marks == () and case.checks["baseline"] == BaselineTolerance()
+    assert case.top_k == 5 and case.marks == () and case.checks["baseline"] is None
     assert BaselineTolerance() == BaselineTolerance(True, 0.6, 0.15, 0.7, 0.4)
 
 
@@ -831,3 +831,12 @@ def test_spec_shaped_yaml_gives_a_spec_or_a_spec_error(tmp_path, data):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     _load_or_spec_error(path)
+
+
+def test_min_auc_is_a_focus_metric_of_its_own(tmp_path):
+    focus = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 0.8\n").focus
+    assert focus.min_auc == 0.8 and focus.min_energy is None  # no default energy floor added
+    case = one_case(tmp_path, "focus:\n  min_auc: 0.8\n")
+    assert case.error is not None and "needs a region" in case.error.message
+    case = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 1.5\n")
+    assert case.error is not None and case.error.key_path == "cases[0].focus.min_auc"

@@ -14,7 +14,7 @@ from audit.errors import SpecError
 from audit.kinds.base import CheckKind, Needs, ShownRegion
 
 #: the metrics that measure against ``region`` (one of them is required; MIN_ENERGY when none is named)
-REGION_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy")
+REGION_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy", "min_auc")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Focus:
     min_iou: float | None = None
     iou_threshold: float = defaults.IOU_THRESHOLD
     min_rank_accuracy: float | None = None
+    min_auc: float | None = None
     avoid: regions.Region | None = None
     max_energy_in_avoid: float | None = None
 
@@ -78,7 +79,7 @@ class FocusKind(CheckKind):
             values["min_energy"] = defaults.MIN_ENERGY
         if avoid is not None and values.get("max_energy_in_avoid") is None:
             values["max_energy_in_avoid"] = defaults.MAX_ENERGY_IN_AVOID
-        floats = ("min_energy", "min_iou", "min_rank_accuracy", "max_energy_in_avoid")
+        floats = ("min_energy", "min_iou", "min_rank_accuracy", "min_auc", "max_energy_in_avoid")
         return Focus(target=values.get("target"), region=region, avoid=avoid,
                      pointing_game=bool(values.get("pointing_game", False)),
                      tolerance_px=float(values.get("tolerance_px", 0.0)),
@@ -108,6 +109,7 @@ class FocusKind(CheckKind):
             region=prepared.region_mask, region_desc=focus.region.describe() if focus.region else "",
             min_energy=focus.min_energy, pointing_game=focus.pointing_game, tolerance_px=focus.tolerance_px,
             min_iou=focus.min_iou, iou_threshold=focus.iou_threshold, min_rank_accuracy=focus.min_rank_accuracy,
+            min_auc=focus.min_auc,
             avoid=prepared.avoid_mask, avoid_desc=focus.avoid.describe() if focus.avoid else "",
             max_energy_in_avoid=focus.max_energy_in_avoid,
             target_desc=f"{observation.label(target)!r} (#{target})")
