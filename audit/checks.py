@@ -101,6 +101,10 @@ class PredictionExpectation:
     any_in_top_k: tuple[int, ...] = ()
     not_in_top_k: tuple[int, ...] = ()
     min_prob: float | None = None
+    top1_any: tuple[int, ...] = ()
+    """``top1_is_label``: the top-1 must be one of these (a dataset class mapped to model labels)."""
+    top1_any_label: str = ""
+    """The dataset class ``top1_any`` stands for, for the message."""
 
 
 def check_prediction(ranked: Sequence[Any], expectation: PredictionExpectation,
@@ -139,6 +143,21 @@ def check_prediction(ranked: Sequence[Any], expectation: PredictionExpectation,
         if not ok:
             failures.append(f"top1: expected {who(want)}, got {who(int(best.index))} p={float(best.prob):.2f}"
                             f" (expected class: {seen(want)})")
+
+    if expectation.top1_any:
+        wanted = [int(c) for c in expectation.top1_any]
+        ok = int(best.index) in wanted
+        metrics.append(Metric("top1_is_label", ok, True, "==", ok))
+        if not ok:
+            label = expectation.top1_any_label
+            if len(wanted) == 1:
+                same = name_of(wanted[0]).strip().lower() == label.strip().lower()
+                options = f"{who(wanted[0])}, the case's label" + ("" if same else f" {label!r}")
+            else:
+                options = f"any of {', '.join(who(c) for c in wanted)} (the case's label {label!r})"
+            nearest = min(wanted, key=lambda c: where.get(c, (len(ranked) + 1, 0.0))[0])
+            failures.append(f"top1_is_label: expected {options}, got {who(int(best.index))} "
+                            f"p={float(best.prob):.2f} ({'it' if len(wanted) == 1 else who(nearest)}: {seen(nearest)})")
 
     for c in expectation.in_top_k:
         c = int(c)

@@ -1001,7 +1001,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="overlay colours (default jet)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="combine the reports of --audit-shard runs into one report and verdict",
+                       description="Merge the results.json of shard runs (pytest --audit-shard K/N "
+                                   "--audit-report DIR) into one report; the set-level gates are recomputed "
+                                   "over every shard. Exit 1 when any check or gate failed or errored.",
+                       epilog=MERGE_EPILOG, formatter_class=_Formatter)
+    p.add_argument("shards", nargs="+", metavar="SHARD_REPORT", help="report folders (or results.json files)")
+    p.add_argument("--out", default="reports/", metavar="DIR", help="merged report folder (default reports/)")
+    p.add_argument("--self-contained", action="store_true", help="one HTML file with the images inlined")
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+MERGE_EPILOG = """examples:
+  pytest specs/ --audit-shard 1/3 --audit-report reports/shard-1   # one CI job per shard
+  model-audit merge reports/shard-1 reports/shard-2 reports/shard-3 --out reports/"""
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from audit.merge import merge, regate_from_specs, verdict
+
+    index, run = merge(args.shards, args.out, self_contained=args.self_contained, regate=regate_from_specs)
+    counts = run["counts"]
+    _say(f"merged {len(args.shards)} shards: {counts['passed']} passed, {counts['failed']} failed, "
+         f"{counts['error']} errors, {counts['skipped']} skipped; report: {index}")
+    return verdict(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
 SESSION_KEY = pytest.StashKey["Any"]()
 RESULTS_KEY = pytest.StashKey["Any"]()
+SHARE_KEY = pytest.StashKey["Any"]()
 REGISTRY_KEY = pytest.StashKey["Any"]()
 
 
@@ -61,6 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the report as one HTML file with the images inlined")
     group.addoption("--audit-colormap", default=defaults.COLORMAP, choices=list(defaults.COLORMAPS),
                     help="colormap of heatmaps and overlays in the report (default jet, as the classic notebook)")
+    group.addoption("--audit-shard", default=None, metavar="K/N",
+                    help="run only shard K of N (deterministic by spec path and case id; every check of a "
+                         "case in one shard); combine the shards' reports with model-audit merge")
     group.addoption("--audit-update-baselines", action="store_true", default=False,
                     help="record baselines (predictions and heatmaps) instead of comparing against them")
     group.addoption("--audit-remove-unused-baselines", action="store_true", default=False,
@@ -117,10 +121,46 @@ def pytest_configure(config: pytest.Config) -> None:
 
         warm_up(page=False)   # this worker draws pictures; the controller writes the page
     config.stash[RESULTS_KEY] = collector
+    _configure_set_records(config, worker)
     if worker is None:
         config.pluginmanager.register(collector, "model-audit-results")  # its pytest_runtest_logreport
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(collector), "model-audit-xdist")
+
+
+def _configure_set_records(config: pytest.Config, worker: Any) -> None:
+    """What spec-scope items (gates) need: every case's outcomes, and the shard of a sharded run.
+
+    Under xdist the controller creates a private folder for the run and every worker appends its
+    cases' outcomes there (:mod:`audit.setrecords`); the controller removes it at the end.
+    """
+    import tempfile
+
+    from audit.setrecords import CaseResults
+    from audit.shards import parse_shard
+
+    audit = config.stash[SESSION_KEY]
+    shard_text = config.getoption("audit_shard")
+    try:
+        audit.shard = parse_shard(shard_text) if shard_text else None
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    share = None
+    if worker is not None:
+        share = worker.get("audit_share_dir")
+    elif config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
+        share = tempfile.mkdtemp(prefix="model-audit-cases-")
+        config.stash[SHARE_KEY] = share
+    audit.case_results = CaseResults(share, worker.get("workerid") if worker else None)
+    config.pluginmanager.register(audit.case_results, "model-audit-case-results")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    share = config.stash.get(SHARE_KEY, None)
+    if share:
+        import shutil
+
+        shutil.rmtree(share, ignore_errors=True)
 
 
 class _XdistHooks:
@@ -132,6 +172,7 @@ class _XdistHooks:
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["audit_run_id"] = self.collector.run_id
+        node.workerinput["audit_share_dir"] = node.config.stash.get(SHARE_KEY, None)
         # only loadfile hands a worker whole spec files; loadscope's scope of "spec.yaml::case::check"
         # is the case, so looking ahead there would observe cases that other workers run
         by_file = node.config.getoption("dist", "load") == "loadfile"
@@ -161,12 +202,19 @@ def _case_scheduling(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class CaseScheduling(LoadScopeScheduling):
+        """Spec-scope items (``spec.yaml::gates``) are last in the collection and so last in the work
+        queue: by the time one is handed out every case item has been handed out before it, to its
+        worker's queue ahead of anything later, and the gates item waits for their records
+        (:mod:`audit.setrecords`). It must not be held back here: a worker runs its last item only
+        once it gets another one or the shutdown, so holding work back stalls the run."""
+
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
                 return nodeid.rsplit("::", 1)[0]    # spec.yaml::case::check → spec.yaml::case
             return nodeid
 
-    return CaseScheduling(config, log)
+    scheduler = CaseScheduling(config, log)
+    return scheduler
 
 
 def _audit(config: pytest.Config):
@@ -337,14 +385,16 @@ class CheckItem(pytest.Item):
             case = self.ref.case
             line = case.line_of(_audit(self.config).kind(self.kind).line_key())
             label_of = _audit(self.config).engine(self.ref.model).label
-            return failure_text(self.ref.spec.path, line, case.id, self.kind, excinfo.value.result, label_of,
-                                one_line=self.config.getoption("tbstyle", "auto") == "line")
+            origin = f" ({case.location})" if case.location.record else ""   # a dataset record
+            return failure_text(self.ref.spec.path, line, f"{case.id}{origin}", self.kind, excinfo.value.result,
+                                label_of, one_line=self.config.getoption("tbstyle", "auto") == "line")
         if isinstance(excinfo.value, AuditError):
             return str(excinfo.value)
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.ref.spec.path, self.ref.case.location.line - 1, f"{self.ref.case.id}::{self.kind}"
+        line = self.ref.case.location.line   # None for a case read from a dataset's annotation file
+        return self.ref.spec.path, line - 1 if line else None, f"{self.ref.case.id}::{self.kind}"
 
 
 class SpecCheckItem(pytest.Item):
@@ -357,7 +407,20 @@ class SpecCheckItem(pytest.Item):
         self.add_marker(pytest.mark.audit(kind.name))
 
     def runtest(self) -> None:
-        result = self.kind.check_spec(self.spec, _audit(self.config))
+        from audit.kinds.baseline import NoBaseline
+        from audit.kinds.gates import NotGated
+
+        problem = None
+        try:
+            result = self.kind.check_spec(self.spec, _audit(self.config))
+        except NotGated as exc:   # a sharded run (model-audit merge decides), or no case selected
+            problem = exc
+        except NoBaseline as exc:
+            if _setting(self.config, "audit_strict"):
+                pytest.fail(f"{exc} [--audit-strict]", pytrace=False)
+            problem = exc
+        if problem is not None:
+            pytest.skip(f"model-audit: {problem}")
         _results(self.config).note_spec_check(self, result)
         if not result.passed:
             raise CheckFailed(result)
@@ -383,7 +446,17 @@ def pytest_runtest_setup(item: pytest.Item) -> Any:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    """Spec-scope items run after every case item (they judge the cases' records)."""
+    """Spec-scope items run after every case item (they judge the cases' records); ``--audit-shard K/N``
+    keeps the cases of shard K (all checks of a case together)."""
+    shard = getattr(_audit(config), "shard", None)
+    if shard is not None:
+        keep, drop = [], []
+        for item in items:
+            inside = not isinstance(item, CheckItem) or shard.holds(item.ref.spec.path, item.ref.case.id)
+            (keep if inside else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     spec_items = [item for item in items if isinstance(item, SpecCheckItem)]
     if spec_items:
         items[:] = [item for item in items if not isinstance(item, SpecCheckItem)] + spec_items

@@ -15,9 +15,9 @@ from audit.errors import AuditError, UnknownNameError, closest
 
 #: built-in check kinds, in item order (each module has ``KIND``)
 BUILTIN_CHECK_KINDS = ("audit.kinds.prediction", "audit.kinds.focus", "audit.kinds.baseline",
-                       "audit.kinds.invariance", "audit.kinds.sanity")
+                       "audit.kinds.invariance", "audit.kinds.sanity", "audit.kinds.gates")
 #: built-in case sources (each module has ``SOURCE``)
-BUILTIN_CASE_SOURCES = ("audit.sources.yaml_cases",)
+BUILTIN_CASE_SOURCES = ("audit.sources.yaml_cases", "audit.sources.dataset")
 #: the module holding the built-in CAM methods (its ``METHODS``: name -> method)
 BUILTIN_CAM_METHODS = "audit.cams"
 

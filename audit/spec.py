@@ -98,7 +98,8 @@ class CaseSpec:
 
     ``checks`` maps each check kind's name to its typed configuration (``checks["prediction"]`` is an
     ``Expect``, ``None`` when the case has nothing for that kind); ``label`` and ``annotations`` are set by
-    dataset sources (the case's class, and named regions such as ``annotation``).
+    dataset sources (the case's class, and named regions such as ``annotation``); ``labels`` are the model
+    labels the dataset class stands for (its ``labels_map`` entry, any of them; else ``(label,)``).
     When ``error`` is set the case cannot run (its other fields are best effort: ``id`` is the written
     id when usable, else ``cases[i]``); the plugin reports it as errored while the other cases run.
     ``lines`` maps key paths relative to the case (``"expect.top1"``, ``"focus.region[1].box"``) to the
@@ -118,6 +119,7 @@ class CaseSpec:
     label: str | int | None = None
     annotations: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     mark_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+    labels: tuple[str | int, ...] = ()
 
     def line_of(self, rel_key_path: str) -> int | None:
         """The best line for a key path relative to the case: the key's, else its nearest parent's,
@@ -817,6 +819,7 @@ class _CaseBuilder:
         ctx.top_k, ctx.base_dir = top_k, self.base_dir
         ctx.label = merged.get("label")
         ctx.annotations = merged.get("annotations") or {}
+        ctx.labels = tuple(merged.get("labels") or ((ctx.label,) if ctx.label is not None else ()))
         configs: dict[str, Any] = {}
         for kind in self.kinds:
             if not kind.key:
@@ -830,7 +833,8 @@ class _CaseBuilder:
                         checks=MappingProxyType(configs), features=_features(merged.get("features", ())),
                         marks=self._marks(merged)[0], mark_args=MappingProxyType(self._marks(merged)[1]),
                         location=location, lines=MappingProxyType(lines_rel),
-                        spec_path=self.path, label=ctx.label, annotations=MappingProxyType(dict(ctx.annotations)))
+                        spec_path=self.path, label=ctx.label, annotations=MappingProxyType(dict(ctx.annotations)),
+                        labels=ctx.labels)
 
     def spec_checks(self) -> Mapping[str, Any]:
         """Configurations of the spec-scope kinds (their keys stand at the top of the spec)."""
@@ -888,6 +892,7 @@ class _Context:
         self.base_dir = path.parent
         self.label: Any = None
         self.annotations: Mapping[str, Any] = {}
+        self.labels: tuple = ()
 
     def error_count(self) -> int:
         return len(self.errors)

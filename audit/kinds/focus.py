@@ -192,6 +192,8 @@ def _parse_region(raw: Any, rel: str, ctx: Any) -> regions.Region | None:
     """The typed region of ``raw``; each bad part is reported at its own key (``focus.region[1].box``)."""
     if raw is None:
         return None
+    if isinstance(raw, str):
+        return _annotation(raw, rel, ctx)
     items = [(rel, raw)] if isinstance(raw, dict) else [(f"{rel}[{i}]", r) for i, r in enumerate(raw)]
     parts = []
     for item_rel, item in items:
@@ -219,6 +221,26 @@ def _parse_region(raw: Any, rel: str, ctx: Any) -> regions.Region | None:
     if len(parts) != len(items):
         return None
     return parts[0] if isinstance(raw, dict) else regions.Union(tuple(parts))
+
+
+def _annotation(raw: str, rel: str, ctx: Any) -> regions.Region | None:
+    """``region: annotation``: the dataset's region of the case's own label (every instance of it)."""
+    annotations = getattr(ctx, "annotations", None) or {}
+    label = getattr(ctx, "label", None)
+    if rel.endswith("avoid"):
+        ctx.error(rel, "avoid: annotation would avoid the object itself; 'annotation' is for focus.region")
+        return None
+    if label is None:
+        ctx.error(rel, "region: annotation needs a case read from a dataset (dataset:); a hand-written case "
+                       "gives its region as {box: [x0, y0, x1, y1]}, a polygon or a mask")
+        return None
+    region = annotations.get(label)
+    if region is None:
+        ctx.error(rel, f"region: annotation: this image has no annotated region of its label {label!r}"
+                       + (" (a folder set has labels only: drop region: annotation)" if not annotations else
+                          f" (annotated: {', '.join(map(repr, annotations))})"))
+        return None
+    return regions.parse(region)
 
 
 KIND = FocusKind()

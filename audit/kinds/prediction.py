@@ -17,6 +17,7 @@ class Expect:
     any_in_top_k: tuple[str | int, ...] = ()
     not_in_top_k: tuple[str | int, ...] = ()
     min_prob: float | None = None
+    top1_is_label: bool = False
 
 
 def _label_key(label: str | int) -> str | int:
@@ -35,7 +36,11 @@ class PredictionKind(CheckKind):
         expect = Expect(top1=raw.get("top1"), in_top_k=tuple(raw.get("in_top_k", ())),
                         any_in_top_k=tuple(raw.get("any_in_top_k", ())),
                         not_in_top_k=tuple(raw.get("not_in_top_k", ())),
-                        min_prob=float(raw["min_prob"]) if raw.get("min_prob") is not None else None)
+                        min_prob=float(raw["min_prob"]) if raw.get("min_prob") is not None else None,
+                        top1_is_label=bool(raw.get("top1_is_label", False)))
+        if expect.top1_is_label and not getattr(ctx, "labels", ()):
+            ctx.error("expect.top1_is_label", "top1_is_label needs a case with a label: only cases read from "
+                                              "a dataset (dataset:) have one; write top1 for a hand-written case")
         required = set(map(_label_key, expect.in_top_k))
         if expect.top1 is not None:
             required.add(_label_key(expect.top1))
@@ -61,9 +66,14 @@ class PredictionKind(CheckKind):
                          for i, label in enumerate(getattr(config, name)))
 
         top1 = model.resolve_class(config.top1, "expect.top1") if config.top1 is not None else None
+        top1_any: tuple[int, ...] = ()
+        if config.top1_is_label:   # the dataset's class, mapped to model labels (labels_map: any of them)
+            top1_any = tuple(dict.fromkeys(model.resolve_class(label, "expect.top1_is_label")
+                                           for label in case.labels))
         return checks.PredictionExpectation(
             top_k=case.top_k, top1=top1, in_top_k=many("in_top_k"), any_in_top_k=many("any_in_top_k"),
-            not_in_top_k=many("not_in_top_k"), min_prob=config.min_prob)
+            not_in_top_k=many("not_in_top_k"), min_prob=config.min_prob, top1_any=top1_any,
+            top1_any_label=str(case.label) if config.top1_is_label else "")
 
     def check(self, prepared: checks.PredictionExpectation | None, observation: Any) -> checks.CheckResult:
         expectation = prepared or checks.PredictionExpectation(top_k=observation.case.top_k)
@@ -72,7 +82,8 @@ class PredictionKind(CheckKind):
     def expected_labels(self, prepared: checks.PredictionExpectation | None) -> tuple[int, ...]:
         if prepared is None:
             return ()
-        return tuple(i for i in (prepared.top1, *prepared.in_top_k, *prepared.any_in_top_k) if i is not None)
+        return tuple(i for i in (prepared.top1, *prepared.top1_any, *prepared.in_top_k, *prepared.any_in_top_k)
+                     if i is not None)
 
     def needs(self, prepared: Any) -> Needs:
         return Needs()

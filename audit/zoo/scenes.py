@@ -45,6 +45,7 @@ SEED_RANGES: dict[str, tuple[int, int]] = {
     "spec_images": (1_000_000, 2_000_000),
     "evaluate": (2_000_000, 3_000_000),
     "tests": (3_000_000, 4_000_000),
+    "datasets": (4_000_000, 5_000_000),
 }
 """Disjoint seed ranges per use; scripts take their seeds from here."""
 
