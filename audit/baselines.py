@@ -212,15 +212,66 @@ class BaselineStore:
             raise _unusable(npy_path, f"expected a finite 2-D float16 heatmap, found {heat.dtype} {heat.shape}")
         return replace(baseline, heatmap=heat)
 
-    def save(self, baseline: Baseline) -> list[Path]:
-        """Write the case's ``.npy`` then its JSON (the commit point), each atomically; returns both paths."""
+    def save(self, baseline: Baseline) -> "Written":
+        """Write the case's ``.npy`` then its JSON (the commit point), each atomically.
+
+        A recording equal to the stored one in everything but ``recorded_at`` leaves both files
+        byte-identical (re-recording must not churn git diffs): ``Written.changed`` is then False.
+        """
         json_path, npy_path = self.paths(baseline.case_id)
-        self.folder.mkdir(parents=True, exist_ok=True)
         heat = np.ascontiguousarray(np.asarray(baseline.heatmap, dtype=np.float16))
+        document = baseline.to_json(npy_path.name)
+        if self._same_as_stored(json_path, npy_path, document, heat):
+            return Written([json_path, npy_path], changed=False)
+        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False), durable=True)
-        text = json.dumps(baseline.to_json(npy_path.name), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")), durable=True)
-        return [json_path, npy_path]
+        return Written([json_path, npy_path], changed=True)
+
+    @staticmethod
+    def _same_as_stored(json_path: Path, npy_path: Path, document: dict, heat: np.ndarray) -> bool:
+        try:
+            stored = json.loads(json_path.read_text(encoding="utf-8"))
+            old_heat = np.load(npy_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return False
+        if not isinstance(stored, dict):
+            return False
+        ignore = ("recorded_at",)
+        same_doc = ({k: v for k, v in stored.items() if k not in ignore}
+                    == {k: v for k, v in document.items() if k not in ignore})
+        return same_doc and old_heat.dtype == heat.dtype and old_heat.shape == heat.shape and bool(
+            np.array_equal(old_heat, heat))
+
+    def unused(self, case_ids: Iterable[str]) -> list[Path]:
+        """Recorded files (JSON and heatmap) of cases the spec no longer has."""
+        if not self.folder.is_dir():
+            return []
+        wanted = {self.paths(case_id)[0].name for case_id in case_ids}
+        out = []
+        for json_path in sorted(self.folder.glob("*.json")):
+            if json_path.name.startswith(".") or json_path.name in wanted:
+                continue
+            out.append(json_path)
+            npy = json_path.with_suffix(".npy")
+            if npy.is_file():
+                out.append(npy)
+        return out
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``BaselineStore.save`` did: the two files, and whether their content changed."""
+
+    paths: list[Path]
+    changed: bool
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __getitem__(self, index: int) -> Path:
+        return self.paths[index]
 
 
 def _from_json(data: Any) -> Baseline:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -68,14 +68,18 @@ class CheckResult:
     passed: bool
     message: str
     metrics: tuple[Metric, ...] = ()
+    data: Mapping[str, Any] | None = None   # JSON-ready extras a kind summarises at the end of the run
 
     def __str__(self) -> str:
         return self.message
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (Python scalars only) for results.json."""
-        return {"kind": self.kind, "passed": bool(self.passed), "message": self.message,
-                "metrics": [m.to_dict() for m in self.metrics]}
+        out = {"kind": self.kind, "passed": bool(self.passed), "message": self.message,
+               "metrics": [m.to_dict() for m in self.metrics]}
+        if self.data:
+            out["data"] = dict(self.data)
+        return out
 
 
 @dataclass(frozen=True)

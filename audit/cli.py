@@ -160,6 +160,36 @@ def _grid_channels(channels: int) -> int:
 
 # ----------------------------------------------------------------------------------------- explain
 
+def _cam_methods(engine, value: str | None, allow_all: bool) -> list[str]:
+    """The CAM methods --cam-method names (``all``: every registered one, for explain); unknown: one line."""
+    from audit import cams
+
+    if value is not None and value.lower() == "all":
+        if not allow_all:
+            raise AuditError("--cam-method all draws every method side by side: it is for 'explain'; "
+                             f"name one of {', '.join(cams.names())}")
+        return cams.names()
+    return [cams.get(value).name]
+
+
+def _side_by_side(image: Any, explained: dict[str, Any], colormap: str) -> Any:
+    """One picture: the overlay of every method in a row, each captioned with its name."""
+    from PIL import Image, ImageDraw
+
+    from audit import report
+
+    tile_w = min(256, image.width) if image.width >= 64 else 128
+    tile_h = max(1, round(image.height * tile_w / image.width))
+    caption = 16
+    sheet = Image.new("RGB", (tile_w * len(explained), tile_h + caption), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, e) in enumerate(explained.items()):
+        tile = report.overlay(image, e.cam, colormap).resize((tile_w, tile_h), Image.BILINEAR)
+        sheet.paste(tile, (i * tile_w, caption))
+        draw.text((i * tile_w + 4, 2), name + (" (empty)" if e.cam_empty[e.target] else ""), fill="black")
+    return sheet
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from audit import report
     from audit.images import load_image
@@ -167,25 +197,44 @@ def cmd_explain(args: argparse.Namespace) -> int:
     paths = _check_images(args.images)
     choice = _model_from_args(args)
     engine = choice.load(args.device)
+    methods = _cam_methods(engine, args.cam_method, allow_all=True)
     cam_layer = args.cam_layer or None
     if cam_layer:
         engine.resolve_layer(cam_layer)
     for layer in args.layers:
         engine.resolve_layer(layer)
-    explanations = _explain(engine, [str(p) for p in paths], args.quiet, args.batch_size, top_k=args.top_k,
-                            cam_layer=cam_layer, feature_layers=list(args.layers), preprocess=args.preprocess)
+    by_method = {}
+    for method in methods:
+        by_method[method] = _explain(engine, [str(p) for p in paths], args.quiet, args.batch_size, top_k=args.top_k,
+                                     cam_layer=cam_layer, feature_layers=list(args.layers) if method == methods[0]
+                                     else [], preprocess=args.preprocess, cam_method=method)
+    explanations = by_method[methods[0]]
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for path, stem, e in zip(paths, _unique_stems(paths), explanations):
+    for n, (path, stem, e) in enumerate(zip(paths, _unique_stems(paths), explanations)):
         files: dict[str, Any] = {}
         if out_dir is not None:
             image = load_image(path)
-            files["heatmap"] = str(out_dir / f"{stem}-heatmap.png")
-            _save_png(report.colorize(e.cam, args.colormap), Path(files["heatmap"]))
-            files["overlay"] = str(out_dir / f"{stem}-overlay.png")
-            _save_png(report.overlay(image, e.cam, args.colormap), Path(files["overlay"]))
+            if len(methods) == 1:
+                files["heatmap"] = str(out_dir / f"{stem}-heatmap.png")
+                _save_png(report.colorize(e.cam, args.colormap), Path(files["heatmap"]))
+                files["overlay"] = str(out_dir / f"{stem}-overlay.png")
+                _save_png(report.overlay(image, e.cam, args.colormap), Path(files["overlay"]))
+            else:
+                per_method = {}
+                for method in methods:
+                    m = by_method[method][n]
+                    safe = re.sub(r"[^A-Za-z0-9._-]", "_", method.replace("+", "p"))
+                    heat, over = out_dir / f"{stem}-{safe}-heatmap.png", out_dir / f"{stem}-{safe}-overlay.png"
+                    _save_png(report.colorize(m.cam, args.colormap), heat)
+                    _save_png(report.overlay(image, m.cam, args.colormap), over)
+                    per_method[method] = {"heatmap": str(heat), "overlay": str(over)}
+                files["methods"] = per_method
+                files["side_by_side"] = str(out_dir / f"{stem}-methods.png")
+                _save_png(_side_by_side(image, {m: by_method[m][n] for m in methods}, args.colormap),
+                          Path(files["side_by_side"]))
             grids = {}
             for layer in args.layers:
                 maps = e.features[layer]
@@ -193,13 +242,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 _save_png(report.feature_grid(maps, _grid_channels(maps.shape[0])), grid_path)
                 grids[layer] = str(grid_path)
             files["features"] = grids
-        records.append({"image": str(path), "top_k": [{"index": r.index, "label": r.label, "prob": r.prob}
-                                                        for r in e.top_k],
-                        "cam_layer": e.cam_layer, "files": files})
+        record = {"image": str(path), "top_k": [{"index": r.index, "label": r.label, "prob": r.prob}
+                                                for r in e.top_k],
+                  "cam_layer": e.cam_layer, "cam_method": e.cam_method, "files": files}
+        if len(methods) > 1:
+            record["cam_methods"] = methods
+        records.append(record)
     if args.json:
         _say(json.dumps(records, indent=2, ensure_ascii=False))
         return 0
-    _say(f"model: {engine.loaded.source}; cam layer {explanations[0].cam_layer if explanations else '-'}")
+    _say(f"model: {engine.loaded.source}; cam layer {explanations[0].cam_layer if explanations else '-'}; "
+         f"cam method {', '.join(methods)}")
     for rec in records:
         _say()
         _say(rec["image"])
@@ -209,7 +262,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             _say(f"  {r['index']:>5}  {r['label']:<{width}}  {r['prob']:.4f}")
         for kind, value in rec["files"].items():
             for layer, f in (value.items() if isinstance(value, dict) else [(None, value)]):
-                _say(f"  wrote {f}" + (f"  ({kind} of {layer})" if layer else f"  ({kind})"))
+                for what, one in (f.items() if isinstance(f, dict) else [(kind, f)]):
+                    _say(f"  wrote {one}" + (f"  ({what} of {layer})" if layer else f"  ({what})"))
     return 0
 
 
@@ -271,10 +325,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     paths = _check_images(args.images)
     choice = _model_from_args(args)
     engine = choice.load(args.device)
+    (method,) = _cam_methods(engine, args.cam_method, allow_all=False)
     if args.cam_layer:
         engine.resolve_layer(args.cam_layer)
     explanations = _explain(engine, [str(p) for p in paths], args.quiet, args.batch_size, top_k=max(5, args.top_k),
-                            cam_layer=args.cam_layer, preprocess=args.preprocess)
+                            cam_layer=args.cam_layer, preprocess=args.preprocess, cam_method=method)
     model: dict[str, Any] = {"arch": choice.arch}
     if choice.checkpoint:
         model["checkpoint"] = _path_for_spec(Path(choice.checkpoint), args.relative_to)
@@ -285,6 +340,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     model["preprocess"] = args.preprocess
     if args.cam_layer:
         model["cam_layer"] = args.cam_layer
+    if args.cam_method:
+        model["cam_method"] = method
     if choice.labels:
         model["labels"] = _path_for_spec(Path(choice.labels), args.relative_to)
     cases = []
@@ -645,7 +702,10 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> 
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     g.add_argument("--preprocess", choices=("squash", "weights"), default="squash",
                    help="squash: resize the whole image (default); weights: the weights' resize + centre crop")
-    g.add_argument("--cam-layer", default=None, metavar="NAME", help="layer Grad-CAM explains (default: engine's rule)")
+    g.add_argument("--cam-layer", default=None, metavar="NAME", help="layer the CAM explains (default: engine's rule)")
+    g.add_argument("--cam-method", default=None, metavar="NAME",
+                   help="gradcam (default), gradcam++, xgradcam, hirescam, layercam, scorecam; "
+                        "explain also takes 'all' (every method side by side)")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
 
 
@@ -668,9 +728,12 @@ examples:
   model-audit explain cat.jpg                               # vgg16 DEFAULT weights (the classic notebook)
   model-audit explain a.jpg b.jpg --model shapes_vgg --out out/ --layers features.3
   model-audit explain hopper.jpg --model vgg16 --weights none --json
+  model-audit explain hopper.jpg --model resnet50 --cam-method all --out out/   # every method side by side
 
 With --out DIR, writes per image <stem>-heatmap.png, <stem>-overlay.png and one <stem>-<layer>.png
-feature grid per --layers layer (64 channels: all of them, otherwise the first 72).
+feature grid per --layers layer (64 channels: all of them, otherwise the first 72). With
+--cam-method all: <stem>-<method>-heatmap.png and -overlay.png per method and <stem>-methods.png,
+every method's overlay side by side.
 """
 
 SNAPSHOT_EPILOG = """\

@@ -27,6 +27,7 @@ import pytest
 
 from audit import defaults
 from audit.errors import AuditError
+from audit.kinds.base import NotRecorded
 from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
 SESSION_KEY = pytest.StashKey["Any"]()
@@ -61,6 +62,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="colormap of heatmaps and overlays in the report (default jet, as the classic notebook)")
     group.addoption("--audit-update-baselines", action="store_true", default=False,
                     help="record baselines (predictions and heatmaps) instead of comparing against them")
+    group.addoption("--audit-remove-unused-baselines", action="store_true", default=False,
+                    help="delete recorded baselines whose case is gone from its spec")
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
@@ -91,17 +94,18 @@ def pytest_configure(config: pytest.Config) -> None:
     def make_model(model: Any, device: str) -> Any:
         return config.hook.pytest_audit_make_model(model=model, device=device)
 
-    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch, lookahead=lookahead,
-                                             update_baselines=config.getoption("audit_update_baselines"),
-                                             registry=registry, strict=bool(_setting(config, "audit_strict")),
-                                             make_model=make_model)
+    audit = AuditSession(device=device, batch_size=batch, lookahead=lookahead,
+                         update_baselines=config.getoption("audit_update_baselines"),
+                         registry=registry, strict=bool(_setting(config, "audit_strict")), make_model=make_model)
+    audit.run.remove_unused_baselines = config.getoption("audit_remove_unused_baselines")
+    config.stash[SESSION_KEY] = audit
     report_dir = _setting(config, "audit_report")
     collector = ResultCollector(
         report_dir=Path(report_dir) if report_dir else None,
         self_contained=config.getoption("audit_report_self_contained"),
         colormap=config.getoption("audit_colormap"),
         run_id=worker.get("audit_run_id") if worker else None,
-        is_worker=worker is not None, device=device)
+        is_worker=worker is not None, device=device, session=audit)
     if report_dir and worker is None:
         try:
             collector.start()
@@ -188,10 +192,42 @@ class SpecFile(pytest.File):
         except AuditError as exc:
             yield BrokenSpecItem.from_parent(self, name="spec", error=exc)
             return
+        _register_marks(self.config, spec)
         for case in spec.cases:
             yield CaseNode.from_parent(self, name=case.id, spec=spec, case=case)
         for kind in _audit(self.config).spec_kinds_for(spec):
             yield SpecCheckItem.from_parent(self, name=kind.name, spec=spec, kind=kind)
+
+
+def _marker(name: str, args: dict) -> pytest.MarkDecorator:
+    """The pytest marker a spec names, with its arguments (``condition`` is a plain true/false)."""
+    kwargs = dict(args)
+    decorator = getattr(pytest.mark, name)
+    if "condition" in kwargs:
+        return decorator(kwargs.pop("condition"), **kwargs)
+    return decorator(**kwargs) if kwargs else decorator
+
+
+def _register_marks(config: pytest.Config, spec: Spec) -> None:
+    """Register the custom marks a spec uses, so ``--strict-markers`` accepts them and none warns."""
+    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+    for name in dict.fromkeys(m for case in spec.cases for m in case.marks):
+        if name not in known:
+            config.addinivalue_line("markers", f"{name}: a mark used by the model-audit spec {spec.path}")
+            known.add(name)
+
+
+def _skipped_before_setup(item: pytest.Item) -> bool:
+    """Whether pytest will skip ``item`` without running its setup (a spec's skip, or skipif true, or
+    xfail(run=false)): such a case must not join a batch, or its image would still go through the model."""
+    for mark in item.iter_markers():
+        if mark.name == "skip":
+            return True
+        if mark.name == "skipif" and mark.args and mark.args[0] is True:
+            return True
+        if mark.name == "xfail" and mark.kwargs.get("run") is False and (not mark.args or mark.args[0] is True):
+            return True
+    return False
 
 
 def _display_path(path: Path) -> Path:
@@ -227,8 +263,8 @@ class CaseNode(pytest.Collector):
         super().__init__(**kwargs)
         self.spec = spec
         self.case = case
-        for mark in case.marks:  # already holds the spec-level marks
-            self.add_marker(mark)
+        for name in case.marks:  # already holds the spec-level marks
+            self.add_marker(_marker(name, case.mark_args.get(name, {})))
 
     def collect(self) -> Iterator[pytest.Item]:
         from audit.session import CaseRef
@@ -275,19 +311,18 @@ class CheckItem(pytest.Item):
             results.note_case(self, None, audit, error=str(problem))
             pytest.fail(str(problem), pytrace=False)
         results.note_case(self, self.observation, audit)
+        missing = None
+        try:
+            audit.kind(self.kind).ready(self.observation.prepared.get(self.kind), self.observation)
+        except NotRecorded as exc:   # nothing recorded to compare with: never a pass
+            missing = exc
+        if missing is not None:
+            if _setting(self.config, "audit_strict"):
+                pytest.fail(f"{missing} [--audit-strict: a missing recording is an error]", pytrace=False)
+            pytest.skip(f"model-audit: {missing}")
 
     def runtest(self) -> None:
-        from audit.kinds.baseline import NoBaseline
-
-        problem = None
-        try:
-            result = _audit(self.config).check(self.kind, self.observation)
-        except NoBaseline as exc:
-            problem = exc
-        if problem is not None:
-            if _setting(self.config, "audit_strict"):
-                pytest.fail(f"{problem} [--audit-strict]", pytrace=False)
-            pytest.skip(f"model-audit: {problem}")
+        result = _audit(self.config).check(self.kind, self.observation)
         _results(self.config).note_check(self, result)
         if not result.passed:
             raise CheckFailed(result)
@@ -335,6 +370,15 @@ class SpecCheckItem(pytest.Item):
         return self.spec.path, None, f"{self.spec.path.name}::{self.kind.name}"
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    """Give every check item a record before pytest may skip it (skip marks run before our setup), so a
+    skipped case is still a card of the report and a count of model-audit's summary."""
+    if isinstance(item, CheckItem):
+        _results(item.config).note_planned(item)
+    yield
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     """Spec-scope items run after every case item (they judge the cases' records)."""
     spec_items = [item for item in items if isinstance(item, SpecCheckItem)]
@@ -344,7 +388,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Tell the audit session which cases run, in which order: the batching plan."""
-    plan = [(item.ref, 1) for item in session.items if isinstance(item, CheckItem)]
+    plan = [(item.ref, 1) for item in session.items
+            if isinstance(item, CheckItem) and not _skipped_before_setup(item)]
     _audit(session.config).schedule(plan)
 
 

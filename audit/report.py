@@ -609,6 +609,16 @@ def new_run_dir(out_dir: Path) -> tuple[str, Path]:
             continue
 
 
+def discard_run_dir(out_dir: Path, run_id: str | None) -> None:
+    """Remove this run's (unused) asset folder: a run that wrote no page leaves the folder as it found it."""
+    if run_id is None or not RUN_ID_PATTERN.match(run_id):
+        return
+    folder = Path(out_dir) / "assets" / run_id
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (Path(out_dir) / "assets").rmdir()   # only when empty
+
+
 def _results_json(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> str:
     """``results.json``: plain JSON, NaN and inf as null.
 

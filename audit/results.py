@@ -21,14 +21,17 @@ from audit.versions import library_versions
 
 CASE_PROP = "model_audit_case"
 CHECK_PROP = "model_audit_check"
-_ORDER = {"error": 3, "failed": 2, "skipped": 1, "passed": 0}
+_ORDER = {"error": 5, "failed": 4, "xpassed": 3, "skipped": 2, "xfailed": 1, "passed": 0}
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 
 class ResultCollector:
     """Controller side: cases rebuilt from reports; worker side: records attached to items."""
 
     def __init__(self, report_dir: Path | None, self_contained: bool = False, colormap: str = "jet",
-                 run_id: str | None = None, is_worker: bool = False, device: str = "cpu"):
+                 run_id: str | None = None, is_worker: bool = False, device: str = "cpu", session: Any = None):
+        self.session = session
+        self.kept_report = False
         self.device = device
         self.report_dir = report_dir
         self.self_contained = self_contained
@@ -67,6 +70,15 @@ class ResultCollector:
             record = self._case_record(item.ref, observation, audit, error)
             self._case_json[nodeid] = record.to_json()
         item.user_properties.append((CASE_PROP, self._case_json[nodeid]))
+
+    def note_planned(self, item: Any) -> None:
+        """A first record of the case before its setup, so a case pytest skips by its marks is still shown."""
+        from audit.session import model_label
+
+        ref, case = item.ref, item.ref.case
+        record = records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
+                                      model_label(ref.model), str(case.image), None, case.location.record)
+        item.user_properties.append((CASE_PROP, record.to_json()))
 
     def note_check(self, item: Any, result: Any) -> None:
         item.user_properties.append((CHECK_PROP, json.dumps(result.to_dict())))
@@ -134,13 +146,17 @@ class ResultCollector:
         check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {"kind": kind, "metrics": []}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
         message = check.get("message") or _longrepr_text(report)
-        if report.skipped:
+        if hasattr(report, "wasxfail"):   # pytest's xfail: an expected failure, or one that passed anyway
+            outcome = "xfailed" if report.skipped else "xpassed"
+            reason = str(report.wasxfail or "").removeprefix("reason: ")
+            message = f"expected to fail{': ' + reason if reason else ''}" + (f"\n{message}" if message else "")
+        elif report.skipped:
             reason = _skip_reason(report)
             message = reason
             self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
         stored["checks"].append({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
                                  "metrics": check.get("metrics", []), "duration_s": report.duration,
-                                 "nodeid": report.nodeid})
+                                 "nodeid": report.nodeid, **({"data": check["data"]} if check.get("data") else {})})
 
     def add_stats(self, payload: dict) -> None:
         for name, value in payload.get("stats", {}).items():
@@ -148,11 +164,11 @@ class ResultCollector:
         self.models.update(payload.get("models", {}))
 
     def counts(self) -> dict[str, int]:
-        counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        counts = dict.fromkeys(OUTCOMES, 0)
         for case in self.cases.values():
             for check in case["checks"]:
                 counts[check["outcome"]] += 1
-        return counts
+        return {k: v for k, v in counts.items() if v or k in OUTCOMES[:4]}   # xfail counts only when any
 
     def case_list(self) -> list[dict]:
         cases = []
@@ -167,6 +183,11 @@ class ResultCollector:
             return
         from audit import report
 
+        if not self.cases:   # a mistyped path or -k: nothing was checked, so the last good report stays
+            self.kept_report = True
+            report.discard_run_dir(self.report_dir, self.run_id)
+            return
+
         run = {"started": dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
                "duration_s": round(time.time() - self.started, 3), "models": list(self.models.values()),
                "versions": library_versions(python=True), "counts": self.counts(), "args": list(config.invocation_params.args),
@@ -177,6 +198,25 @@ class ResultCollector:
                                                    self_contained=self.self_contained)
         except Exception as exc:  # the test outcomes stand; the report problem is said once, loudly
             self.report_error = f"{type(exc).__name__}: {exc}"
+
+    def kind_summaries(self) -> list[str]:
+        """Each check kind's end-of-run lines (baselines recorded / unchanged / unused ...)."""
+        if self.session is None:
+            return []
+        from audit.errors import AuditError
+        from audit.spec import load_spec
+
+        specs = []
+        for path in dict.fromkeys(c["spec"] for c in self.cases.values() if c.get("spec")):
+            try:
+                specs.append(load_spec(path, self.session.registry))
+            except (AuditError, OSError):
+                continue
+        lines: list[str] = []
+        for kind in self.session.registry.kinds():
+            checks = [ch for c in self.cases.values() for ch in c["checks"] if ch.get("kind") == kind.name]
+            lines += kind.summary(checks, specs, self.session.run)
+        return lines
 
     # -- terminal -------------------------------------------------------------------------------------
     def summary_lines(self) -> list[str]:
@@ -191,6 +231,9 @@ class ResultCollector:
         for reason, n in self.skip_reasons.items():
             lines.append(f"model-audit: {n} checks did not run: {reason} "
                          f"(use --audit-strict to make this an error)")
+        lines += self.kind_summaries()
+        if self.kept_report:
+            lines.append(f"model-audit: no spec case ran; the report in {self.report_dir} was left as it was")
         if self.report_path is not None:
             lines.append(f"model-audit report: {self.report_path}")
         if self.report_error:

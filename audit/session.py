@@ -276,8 +276,7 @@ class AuditSession:
     def cam_method_of(self, model: ModelSpec) -> str:
         """The CAM method a model spec asks for (checked against the registry), default Grad-CAM."""
         name = model.cam_method or defaults.CAM_METHOD
-        if self.registry.cam_methods and name not in self.registry.cam_methods:
-            self.registry.cam_method(name)   # raises UnknownNameError with the close names
+        self.registry.cam_method(name)   # an unknown name raises UnknownNameError with the close names
         return name
 
     # -- observations -------------------------------------------------------------------------------
@@ -363,10 +362,10 @@ class AuditSession:
                 engine.loaded.fingerprint, case_ref.model.preprocess, engine.label))
 
     def _method_kwargs(self, model: ModelSpec) -> dict[str, Any]:
-        """``cam_method=`` for engines that take it (the engine grows CAM methods in the same release)."""
+        """``cam_method=``: the method object from this session's registry (built in or the user's)."""
         if model.cam_method is None:
             return {}
-        return {"cam_method": model.cam_method}
+        return {"cam_method": self.registry.cam_method(model.cam_method)}
 
     def _store(self, nodeid: str, value: Observation | AuditError) -> None:
         self._observations[nodeid] = value

@@ -71,7 +71,7 @@ class ModelSpec:
     labels: Path | None
     seed: int | None
     location: Location = field(compare=False)
-    cam_method: str | None = None
+    cam_method: str | None = None  # a registered CAM method (audit.cams); None: the default (gradcam)
 
     def key(self) -> tuple:
         """Identity of the loaded model, so a session loads it once however many specs name it.
@@ -117,6 +117,7 @@ class CaseSpec:
     spec_path: Path = field(default=Path("."), compare=False, repr=False)
     label: str | int | None = None
     annotations: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    mark_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     def line_of(self, rel_key_path: str) -> int | None:
         """The best line for a key path relative to the case: the key's, else its nearest parent's,
@@ -222,7 +223,8 @@ def load_spec(path: str | Path, registry: Any = None) -> Spec:
         found = source.cases(data[source.key], context)
         cases += [builder.build(len(cases) + i, found_case, by_case.get(len(cases) + i, []))
                   for i, found_case in enumerate(found)]
-    return Spec(path=path, model=model, cases=tuple(cases), marks=tuple(dict.fromkeys(data.get("marks", ()))),
+    return Spec(path=path, model=model, cases=tuple(cases),
+                marks=tuple(dict.fromkeys(n for n in (_mark(m)[0] for m in data.get("marks", ())) if n)),
                 checks=builder.spec_checks())
 
 
@@ -826,7 +828,8 @@ class _CaseBuilder:
             return None
         return CaseSpec(id=case_id or location.key_path, image=image, top_k=top_k,
                         checks=MappingProxyType(configs), features=_features(merged.get("features", ())),
-                        marks=self._marks(merged), location=location, lines=MappingProxyType(lines_rel),
+                        marks=self._marks(merged)[0], mark_args=MappingProxyType(self._marks(merged)[1]),
+                        location=location, lines=MappingProxyType(lines_rel),
                         spec_path=self.path, label=ctx.label, annotations=MappingProxyType(dict(ctx.annotations)))
 
     def spec_checks(self) -> Mapping[str, Any]:
@@ -843,20 +846,31 @@ class _CaseBuilder:
             raise _combine(errors)
         return MappingProxyType(configs)
 
-    def _marks(self, merged: dict) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.spec_marks + tuple(merged.get("marks", ()))))
+    def _marks(self, merged: dict) -> tuple[tuple[str, ...], dict[str, dict]]:
+        """The mark names (spec-level first, then the case's) and the arguments of those that have any."""
+        names: dict[str, None] = {}
+        args: dict[str, dict] = {}
+        for mark in (*self.spec_marks, *merged.get("marks", ())):
+            name, kwargs = _mark(mark)
+            if name is None:
+                continue
+            names[name] = None
+            if kwargs:
+                args[name] = kwargs
+        return tuple(names), args
 
     def _errored(self, case_id: str, merged: dict, location: Location, lines_rel: dict[str, int],
                  errors: list[SpecError]) -> CaseSpec:
         """A case that cannot run, with what is known so the plugin can name and mark it."""
         image = merged.get("image")
         marks = merged.get("marks")
-        valid_marks = isinstance(marks, list) and all(isinstance(m, str) and m.isidentifier() for m in marks)
+        valid_marks = isinstance(marks, list) and all(_mark(m)[0] is not None for m in marks)
+        names, args = self._marks({"marks": marks if valid_marks else []})
         return CaseSpec(id=case_id,
                         image=_resolve(self.base_dir, image) if isinstance(image, str) and image else self.base_dir,
                         top_k=defaults.TOP_K, checks=MappingProxyType({k.name: None for k in self.kinds}),
                         features=(),
-                        marks=tuple(dict.fromkeys(self.spec_marks + (tuple(marks) if valid_marks else ()))),
+                        marks=names, mark_args=MappingProxyType(args),
                         location=location, lines=MappingProxyType(lines_rel), error=_combine(errors),
                         spec_path=self.path)
 
@@ -902,6 +916,20 @@ class _Context:
 def _top_segment(key_path: str) -> str:
     match = re.match(r"cases\[\d+\]|[^.\[]*", key_path)
     return match.group(0) if match else ""
+
+
+def _mark(mark: Any) -> tuple[str | None, dict]:
+    """``slow`` -> ("slow", {}); ``{xfail: {reason: r}}`` / ``{skip: r}`` -> (name, {"reason": r, ...})."""
+    if isinstance(mark, str):
+        return (mark, {}) if mark.isidentifier() else (None, {})
+    if isinstance(mark, dict) and len(mark) == 1:
+        (name, value), = mark.items()
+        if not isinstance(name, str) or not name.isidentifier():
+            return None, {}
+        if isinstance(value, str):
+            return name, {"reason": value}
+        return (name, dict(value)) if isinstance(value, dict) else (None, {})
+    return None, {}
 
 
 def _features(raw: Sequence) -> tuple[FeatureRequest, ...]:

@@ -190,3 +190,53 @@ def test_public_api_on_grace_hopper(vgg, grace_hopper_path):
     assert e.image_size == Image.open(grace_hopper_path).size
     assert [r.label for r in e.top_k] == [vgg.categories.name(r.index) for r in e.top_k]
     assert len(vgg.categories) == 1000
+
+
+def test_densenet_cam_uses_the_layer_output_before_the_inplace_relu_that_follows_it():
+    """DenseNet's forward applies F.relu(inplace=True) to ``features``' output. The definition of Grad-CAM
+    uses that output A itself; a peer that keeps a view of A sees it ReLU'd in place (issue 17 found
+    pytorch-grad-cam and torchcam both off here). Oracle: DenseNet's forward written out by hand, with A as the leaf."""
+    import torch.nn.functional as F
+    import torchvision
+
+    from audit.images import Preprocessing
+    from audit.models import Categories, LoadedModel
+
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=10).eval()
+    engine = Engine(LoadedModel(model, "densenet121", None, None, Categories([f"c{i}" for i in range(10)]),
+                                {"squash": Preprocessing("squash", 96)}, "t", "cpu", "test"))
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    (e,) = engine.explain([image])
+    assert e.cam_layer == "features"
+    x = engine.loaded.preprocessing["squash"].to_tensor(image)[0][None]
+    with torch.no_grad():
+        a = model.features(x)
+    assert (a < 0).any()  # the in-place ReLU would change A: the case this pins
+    leaf = a.clone().requires_grad_(True)
+    logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(leaf), 1), 1))
+    (grad,) = torch.autograd.grad(logits[0, e.target], leaf)
+    expected = _normalised(((grad.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1))[0].numpy())
+    np.testing.assert_allclose(e.cams_lowres[e.target], expected, atol=1e-5)
+
+
+def test_several_targets_come_from_one_forward_and_equal_one_target_at_a_time(vgg, pictures, monkeypatch):
+    import audit.engine as engine_module
+
+    together = vgg.explain(pictures, targets=[[1, 2, 3], 4, None])
+    for batched in (False, True):
+        monkeypatch.setattr(engine_module, "BATCHED_GRADS", batched)
+        again = vgg.explain(pictures, targets=[[1, 2, 3], 4, None])
+        for a, b in zip(together, again):
+            for cls in a.cams_lowres:
+                np.testing.assert_allclose(a.cams_lowres[cls], b.cams_lowres[cls], atol=1e-5)
+    for cls in (1, 2, 3):
+        (alone,) = vgg.explain(pictures[:1], targets=[cls])
+        np.testing.assert_allclose(together[0].cams_lowres[cls], alone.cams_lowres[cls], atol=1e-4)
+
+
+def test_explanation_records_the_cam_method_and_an_unknown_method_lists_the_known_ones(vgg, pictures, explained):
+    assert explained[0].cam_method == "gradcam" and explained[0].cam_layout == "NCHW 14x14, 512 channels"
+    with pytest.raises(UnknownNameError) as info:
+        vgg.explain(pictures[:1], cam_method="gradcam+")
+    assert "unknown CAM method 'gradcam+'" in str(info.value) and "gradcam++" in str(info.value)

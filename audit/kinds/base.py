@@ -116,6 +116,10 @@ class CheckKind:
     def needs(self, prepared: Any) -> Needs:
         return Needs()
 
+    def ready(self, prepared: Any, observation: Any) -> None:
+        """Raise :class:`NotRecorded` when the check has nothing to compare with yet (the item is then
+        skipped, an error under ``--audit-strict``); called at the item's setup, after the observation."""
+
     def check(self, prepared: Any, observation: Any) -> "CheckResult":
         raise NotImplementedError(f"check kind {self.name!r} does not implement check()")
 
@@ -140,12 +144,24 @@ class CheckKind:
         """Extra pictures for the report (``case["assets"]["kinds"][name][key]``)."""
         return {}
 
+    def summary(self, checks: list[Mapping[str, Any]], specs: list[Any], run: "RunContext") -> list[str]:
+        """Lines for the end of the terminal output, on the controller: ``checks`` are this kind's check
+        results of the run (``CheckResult.to_dict()`` plus ``outcome``), ``specs`` the spec files seen."""
+        return []
+
     def line_key(self) -> str:
         """The case key whose line a failure message points at."""
         return self.key or ""
 
     def __repr__(self) -> str:
         return f"<check kind {self.name}>"
+
+
+class NotRecorded(Exception):
+    """A check with nothing recorded to compare with (a baseline): skipped, an error under --audit-strict.
+
+    Not an ``AuditError``: the input is fine, the recording is missing.
+    """
 
 
 class ParseContext:
@@ -188,3 +204,4 @@ class RunContext:
 
     update_baselines: bool = False
     strict: bool = False
+    remove_unused_baselines: bool = False
