@@ -834,7 +834,7 @@ def test_spec_shaped_yaml_gives_a_spec_or_a_spec_error(tmp_path, data):
 
 
 def test_min_auc_is_a_focus_metric_of_its_own(tmp_path):
-    focus = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 0.8\n").focus
+    focus = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 0.8\n").checks["focus"]
     assert focus.min_auc == 0.8 and focus.min_energy is None  # no default energy floor added
     case = one_case(tmp_path, "focus:\n  min_auc: 0.8\n")
     assert case.error is not None and "needs a region" in case.error.message
