@@ -134,16 +134,34 @@ class _XdistHooks:
 
 
 def _case_scheduling(config: pytest.Config, log: Any) -> Any:
-    """pytest-xdist's scope scheduler with one scope per spec case; every other test is its own scope."""
-    from xdist.scheduler import LoadScopeScheduling
+    """pytest-xdist's load scheduler, except that a chunk sent to a worker never splits a spec case.
 
-    class CaseScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
-                return nodeid.rsplit("::", 1)[0]    # spec.yaml::case::check → spec.yaml::case
-            return nodeid
+    Built on ``LoadScheduling`` (not ``LoadScopeScheduling``, whose worker-loss path can hang the session
+    or drop the crash report: pytest-xdist #1323, #1378): a killed worker's running item is reported as
+    crashed, its other items go back to the queue and a replacement worker runs them, so the run ends.
+    A case's checks are adjacent in the collection and every chunk ends at a case boundary, so they
+    share a worker. For a collection without spec items every item is its own group and this is
+    exactly ``LoadScheduling``: the plugin changes nothing about how other suites are scheduled.
+    """
+    from xdist.scheduler import LoadScheduling
+
+    class CaseScheduling(LoadScheduling):
+        def _send_tests(self, node: Any, num: int) -> None:
+            if self.collection is not None and 0 < num < len(self.pending):
+                group = _case_group(self.collection[self.pending[num - 1]])
+                if group is not None:
+                    while num < len(self.pending) and _case_group(self.collection[self.pending[num]]) == group:
+                        num += 1
+            super()._send_tests(node, num)
 
     return CaseScheduling(config, log)
+
+
+def _case_group(nodeid: str) -> str | None:
+    """``spec.yaml::case`` for a spec check item (``spec.yaml::case::check``), else None."""
+    if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
+        return nodeid.rsplit("::", 1)[0]
+    return None
 
 
 def _audit(config: pytest.Config):

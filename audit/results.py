@@ -141,9 +141,17 @@ class ResultCollector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
         if CASE_PROP not in props:
-            return
+            # A spec item's report without our record: a worker died while running it (xdist's crash
+            # report) or something outside our hooks failed. pytest counts it, so the report must too.
+            placeholder = _placeholder_case(report)
+            if placeholder is None or (report.passed and report.when != "call"):
+                return
+            props = {CASE_PROP: json.dumps(placeholder)}
         case = _case_from_json(props[CASE_PROP])
         stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
+        if stored.get("placeholder") and not case.get("placeholder"):   # the real record arrived
+            stored.update({k: v for k, v in case.items() if k != "checks"})
+            stored.pop("placeholder", None)
         if case.get("assets") and not stored.get("assets"):
             stored.update({k: v for k, v in case.items() if k != "checks"})
         if case.get("error") and not stored.get("error"):
@@ -155,6 +163,8 @@ class ResultCollector:
             return
         check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {"kind": kind, "metrics": []}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
+        if report.when not in ("setup", "call", "teardown"):   # xdist's crash report says when="???"
+            outcome = "failed"   # as pytest counts it
         message = check.get("message") or _longrepr_text(report)
         if report.skipped:
             reason = _skip_reason(report)
@@ -228,6 +238,19 @@ def _case_from_json(text: str) -> dict:
     Callers copy before they change anything (``{**case, ...}``); the cache's dicts stay as parsed.
     """
     return json.loads(text)
+
+
+def _placeholder_case(report: pytest.TestReport) -> dict | None:
+    """A minimal case record for a spec item whose report carries none (its worker crashed); None for
+    any other item. A real record of the case, from another check of it, replaces it when it comes."""
+    spec, _, rest = report.nodeid.partition("::")
+    if not spec.endswith((".yaml", ".yml")) or rest.count("::") < 1:
+        return None
+    case_id = rest.rsplit("::", 1)[0]
+    return {"nodeid": f"{spec}::{case_id}", "spec": spec, "line": None, "case_id": case_id, "model": None,
+            "image": None, "image_size": None, "top_k": [], "target": None, "checks": [],
+            "regions": {"region": None, "avoid": None}, "seen_box": None, "crops": False, "assets": {},
+            "baseline": None, "error": None, "features": [], "placeholder": True}
 
 
 def _default_channels(layer: str, explanation: Any) -> int:
