@@ -282,6 +282,9 @@ class CheckItem(pytest.Item):
             results.note_case(self, None, audit, error=str(problem))
             pytest.fail(str(problem), pytrace=False)
         results.note_case(self, self.observation, audit)
+        unusable = getattr(self.observation.prepared, "baseline_error", None) if self.kind == "baseline" else None
+        if unusable is not None:   # a tampered baseline: an error of this item, the case's other checks run
+            pytest.fail(str(unusable), pytrace=False)
 
     def runtest(self) -> None:
         from audit.session import NoBaseline

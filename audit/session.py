@@ -301,7 +301,7 @@ class AuditSession:
             from audit.baselines import BaselineStore
 
             try:
-                prepared.baseline_then = BaselineStore(ref.spec.path).load(case.id)
+                prepared.baseline_then = BaselineStore(ref.spec.path).load(case.id, num_classes=len(engine.categories))
             except AuditError as exc:  # a corrupt baseline fails the baseline check, not the others
                 prepared.baseline_error = exc
         if case.focus is not None:
