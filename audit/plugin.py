@@ -337,9 +337,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if collector.report_dir is not None:
         from audit.report import flush_assets
 
-        flush_assets()  # every picture on disk before the controller writes the page
+        try:
+            flush_assets()  # every picture on disk before the controller writes the page
+        except OSError as exc:   # a full disk: said once in the summary, and no page with holes is written
+            collector.asset_error = f"{type(exc).__name__}: {exc}"
     if hasattr(config, "workeroutput"):
-        config.workeroutput["audit_stats"] = json.dumps({"stats": audit.stats, "models": audit.model_info})
+        config.workeroutput["audit_stats"] = json.dumps({"stats": audit.stats, "models": audit.model_info,
+                                                         "asset_error": collector.asset_error})
         return
     collector.add_stats({"stats": audit.stats, "models": audit.model_info})
     collector.finish(config, session)

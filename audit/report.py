@@ -975,6 +975,12 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
     return out_dir / "index.html"
 
 
+def discard_run(out_dir: Path, run_id: str | None) -> None:
+    """Give up a run whose page will not be written: its pictures go, the previous report stays."""
+    release_run_dir(run_id)
+    _remove_run(out_dir, run_id)
+
+
 def _remove_run(out_dir: Path, run_id: str | None) -> None:
     if run_id and RUN_ID_PATTERN.match(run_id):
         shutil.rmtree(Path(out_dir) / "assets" / run_id, ignore_errors=True)

@@ -54,6 +54,7 @@ class ResultCollector:
         self.skip_reasons: dict[str, int] = {}
         self.report_path: Path | None = None
         self.report_error: str | None = None
+        self.asset_error: str | None = None   # a picture could not be written (here or on a worker)
         self._case_json: dict[str, str] = {}
 
     # -- session start (controller) ----------------------------------------------------------------
@@ -178,6 +179,7 @@ class ResultCollector:
         for name, value in payload.get("stats", {}).items():
             self.stats[name] = self.stats.get(name, 0) + value
         self.models.update(payload.get("models", {}))
+        self.asset_error = self.asset_error or payload.get("asset_error")
 
     def counts(self) -> dict[str, int]:
         counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
@@ -199,6 +201,10 @@ class ResultCollector:
             return
         from audit import report
 
+        if self.asset_error:   # the page would show holes: keep the previous report, free the space
+            report.discard_run(self.report_dir, self.run_id)
+            self.report_error = f"its pictures could not be written: {self.asset_error}"
+            return
         run = {"started": dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
                "duration_s": round(time.time() - self.started, 3), "models": list(self.models.values()),
                "versions": _versions(), "counts": self.counts(), "args": list(config.invocation_params.args),
