@@ -165,6 +165,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from audit.images import load_image
 
     paths = _check_images(args.images)
+    if args.out:
+        _output_folder(args.out, "--out")   # before the model loads: a bad folder costs nothing
     choice = _model_from_args(args)
     engine = choice.load(args.device)
     cam_layer = args.cam_layer or None
@@ -506,6 +508,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not items:
         raise AuditError("no usable case in " + ", ".join(map(str, files)))
     _check_images([str(i.case.image) for i in items])
+    _output_folder(args.out, "--out")   # before either model runs
     choices = {"A": parse_model(args.a, args.a_labels), "B": parse_model(args.b, args.b_labels)}
     engines = {k: c.load(args.device) for k, c in choices.items()}
     cam_layers = {"A": args.a_cam_layer, "B": args.b_cam_layer}
@@ -646,7 +649,22 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> 
     g.add_argument("--preprocess", choices=("squash", "weights"), default="squash",
                    help="squash: resize the whole image (default); weights: the weights' resize + centre crop")
     g.add_argument("--cam-layer", default=None, metavar="NAME", help="layer Grad-CAM explains (default: engine's rule)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    g.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
+
+
+def _output_folder(path: str, option: str) -> Path:
+    """The folder an option names, created and proven writable now, so a bad one fails before any model
+    loads (an existing file, a read-only place), with one line instead of a traceback at the end."""
+    from audit import report
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"{option} {out} is a file, not a folder: give a folder to write into")
+    try:
+        report.check_writable(out)
+    except AuditError as exc:
+        raise AuditError(f"{option}: {exc}") from None
+    return out
 
 
 def _positive(value: str) -> int:
@@ -790,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model B")
     p.add_argument("--out", default="reports/compare", metavar="DIR", help="report folder (default reports/compare)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
     p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="overlay colours (default jet)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)

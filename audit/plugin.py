@@ -71,6 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
         batch = int(batch)
     except ValueError:
         raise pytest.UsageError(f"--audit-batch-size must be an integer, got {batch!r}") from None
+    if batch < 1:   # 0 or a negative count would silently mean 1
+        raise pytest.UsageError(f"--audit-batch-size must be at least 1, got {batch}")
     worker = getattr(config, "workerinput", None)
     lookahead = "model"
     if worker is not None:  # which items this worker gets is only known for file-grouped scheduling
