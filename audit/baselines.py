@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -30,7 +31,7 @@ import numpy as np
 
 from audit.checks import CheckResult, Metric
 from audit.errors import AuditError
-from audit.files import atomic_write
+from audit.files import atomic_write, remove_stale_temps
 from audit.versions import library_versions
 
 __all__ = ["Baseline", "BaselineTolerance", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
@@ -184,32 +185,36 @@ class BaselineStore:
         return self.folder / f"{stem}.json", self.folder / f"{stem}.npy"
 
     def exists(self) -> bool:
-        """Whether any baseline was recorded for this spec."""
-        return self.folder.is_dir() and any(self.folder.glob("*.json"))
+        """Whether any baseline was recorded for this spec (dot-files, such as a killed writer's temp
+        ``.tmp-*.json``, are not recordings)."""
+        return self.folder.is_dir() and any(not p.name.startswith(".") for p in self.folder.glob("*.json"))
 
-    def load(self, case_id: str) -> Baseline | None:
-        """The recorded baseline, or None when none was recorded; an unusable file is an ``AuditError``."""
+    def load(self, case_id: str, num_classes: int | None = None) -> Baseline | None:
+        """The recorded baseline, or None when none was recorded; an unusable file is an ``AuditError``.
+
+        Everything is validated before it is used, because a baseline file is input from disk (edited
+        by hand, merged badly, truncated by a full disk): the JSON against ``BASELINE_SCHEMA`` (no NaN
+        or infinite numbers, bounded size and depth), the ``.npy`` header (2-D float16, the shape the
+        JSON names, a file size that matches) before any array is allocated. ``num_classes`` (the
+        model's label count, when known) range-checks the recorded class indices, so a bad index is
+        this baseline's error, not an engine error for every case batched with it.
+        """
         json_path, npy_path = self.paths(case_id)
         if not json_path.is_file():
             return None
-        try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _unusable(json_path, _reason(exc)) from None
-        try:
-            baseline = _from_json(data)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _unusable(json_path, f"missing or malformed field ({_reason(exc)})") from None
+        data = _read_json(json_path)
+        baseline = _from_json(json_path, data)
         if baseline.case_id != str(case_id):
             raise _unusable(json_path, f"it holds case {baseline.case_id!r}, not {str(case_id)!r}")
+        if num_classes is not None:
+            for where, index in [("target", baseline.target)] + [
+                    (f"top_k[{i}].index", int(r["index"])) for i, r in enumerate(baseline.top_k)]:
+                if index >= num_classes:
+                    raise _unusable(json_path, f"{where} is class {index}, but the model has {num_classes} "
+                                               f"classes (0..{num_classes - 1})")
         if not npy_path.is_file():
             raise _unusable(npy_path, "file not found (the heatmap of " + json_path.name + ")")
-        try:
-            heat = np.load(npy_path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise _unusable(npy_path, _reason(exc)) from None
-        if heat.ndim != 2 or heat.dtype != np.float16 or not np.all(np.isfinite(heat)):
-            raise _unusable(npy_path, f"expected a finite 2-D float16 heatmap, found {heat.dtype} {heat.shape}")
+        heat = _read_heatmap(npy_path, tuple(data["heatmap"]["shape"]))
         return replace(baseline, heatmap=heat)
 
     def save(self, baseline: Baseline) -> "Written":
@@ -219,11 +224,12 @@ class BaselineStore:
         byte-identical (re-recording must not churn git diffs): ``Written.changed`` is then False.
         """
         json_path, npy_path = self.paths(baseline.case_id)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.folder)   # a killed recording's leftovers; young ones may be a worker's
         heat = np.ascontiguousarray(np.asarray(baseline.heatmap, dtype=np.float16))
         document = baseline.to_json(npy_path.name)
         if self._same_as_stored(json_path, npy_path, document, heat):
             return Written([json_path, npy_path], changed=False)
-        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False), durable=True)
         text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")), durable=True)
@@ -274,22 +280,126 @@ class Written:
         return self.paths[index]
 
 
-def _from_json(data: Any) -> Baseline:
-    if not isinstance(data, dict):
-        raise ValueError(f"top level is {type(data).__name__}, not an object")
-    missing = [k for k in _JSON_FIELDS if k not in data]
-    if missing:
-        raise KeyError(", ".join(missing))
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"schema_version {data['schema_version']!r}, this model-audit reads {SCHEMA_VERSION}")
-    top_k = [_ranked_dict(r) for r in data["top_k"]]
-    if not top_k:
-        raise ValueError("top_k is empty")
-    return Baseline(case_id=str(data["case_id"]), top_k=top_k, target=int(data["target"]),
-                    heatmap=np.zeros((0, 0), np.float16), image_sha256=str(data["image_sha256"]),
-                    model_fingerprint=str(data["model_fingerprint"]), preprocess=str(data["preprocess"]),
-                    cam_layer=str(data["cam_layer"]), versions={str(k): str(v) for k, v in dict(data["versions"]).items()},
-                    recorded_at=str(data["recorded_at"]))
+MAX_JSON_BYTES = 1 << 20
+"""A baseline JSON is a few kilobytes; anything larger is not one (and is not read into memory)."""
+MAX_HEATMAP_SIDE = 4096
+_LABEL = {"type": "string", "maxLength": 10_000}
+BASELINE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": list(_JSON_FIELDS),
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "case_id": _LABEL,
+        "top_k": {"type": "array", "minItems": 1, "maxItems": 100_000, "items": {
+            "type": "object", "required": ["index", "label", "prob"], "additionalProperties": False,
+            "properties": {"index": {"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1},
+                           "label": _LABEL, "prob": {"type": "number", "minimum": 0, "maximum": 1}}}},
+        "target": {"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1},
+        "heatmap": {"type": "object", "required": ["file", "shape", "dtype"], "additionalProperties": False,
+                    "properties": {"file": {"type": "string"}, "dtype": {"const": "float16"},
+                                   "shape": {"type": "array", "minItems": 2, "maxItems": 2, "items": {
+                                       "type": "integer", "minimum": 1, "maximum": MAX_HEATMAP_SIDE}}}},
+        "image_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "model_fingerprint": _LABEL,
+        "preprocess": _LABEL,
+        "cam_layer": _LABEL,
+        "recorded_at": _LABEL,
+        "versions": {"type": "object", "additionalProperties": _LABEL},
+    },
+}
+"""What a baseline JSON must look like before any of it is used (JSON Schema 2020-12)."""
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON of a baseline file, refusing what is not a plain, finite, small document."""
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text} is out of range")
+        return value
+
+    def constant(text: str) -> float:
+        raise ValueError(f"{text} is not a number JSON allows")
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise _unusable(path, f"larger than {MAX_JSON_BYTES // 1024} KiB: not a baseline file")
+        return json.loads(raw.decode("utf-8"), parse_float=finite, parse_constant=constant)
+    except RecursionError:
+        raise _unusable(path, "nested too deeply: not a baseline file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:   # JSONDecodeError is a ValueError
+        raise _unusable(path, _reason(exc)) from None
+
+
+def _validator() -> Any:
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        from jsonschema import Draft202012Validator
+
+        _VALIDATOR = Draft202012Validator(BASELINE_SCHEMA)
+    return _VALIDATOR
+
+
+_VALIDATOR: Any = None
+
+
+def _from_json(path: Path, data: Any) -> Baseline:
+    if isinstance(data, dict) and "schema_version" in data and data["schema_version"] != SCHEMA_VERSION:
+        raise _unusable(path, f"schema_version {data['schema_version']!r}, this model-audit reads {SCHEMA_VERSION}")
+    errors = sorted(_validator().iter_errors(data), key=lambda e: (list(e.absolute_path), e.message))
+    if errors:
+        first = errors[0]
+        where = _json_path(first.absolute_path)
+        message = first.message if len(first.message) <= 200 else first.message[:200] + "…"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise _unusable(path, f"malformed field {where}: {message}{more}" if where else f"malformed: {message}{more}")
+    indices = [int(r["index"]) for r in data["top_k"]]
+    if len(set(indices)) != len(indices):
+        raise _unusable(path, "malformed field top_k: a class is listed twice")
+    return Baseline(case_id=data["case_id"], top_k=[_ranked_dict(r) for r in data["top_k"]],
+                    target=int(data["target"]), heatmap=np.zeros((0, 0), np.float16),
+                    image_sha256=data["image_sha256"], model_fingerprint=data["model_fingerprint"],
+                    preprocess=data["preprocess"], cam_layer=data["cam_layer"], versions=dict(data["versions"]),
+                    recorded_at=data["recorded_at"])
+
+
+def _json_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _read_heatmap(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``.npy`` heatmap, after its header proved it is the small 2-D float16 array the JSON names."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unknown .npy format version {version}")
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header, fortran, dtype = reader(fh)   # numpy bounds the header's own size (10 000 bytes)
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+            if dtype != np.dtype("<f2") or len(header) != 2 or fortran:
+                raise _unusable(path, f"expected a 2-D float16 heatmap, found {dtype} {header}")
+            if tuple(header) != shape:
+                raise _unusable(path, f"the heatmap is {header[0]}x{header[1]} but the baseline JSON says "
+                                      f"{shape[0]}x{shape[1]}")
+            if size != offset + 2 * header[0] * header[1]:
+                raise _unusable(path, f"the file holds {size - offset} bytes of data, its header says "
+                                      f"{2 * header[0] * header[1]} (truncated or padded)")
+            heat = np.fromfile(fh, dtype="<f2", count=header[0] * header[1]).reshape(header)
+    except AuditError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError) as exc:
+        raise _unusable(path, _reason(exc)) from None
+    if not np.all(np.isfinite(heat)) or heat.min() < 0 or heat.max() > 1:
+        raise _unusable(path, "the heatmap holds values outside 0..1 (or NaN): not a recorded Grad-CAM")
+    return heat
 
 
 def _unusable(path: Path, reason: str) -> AuditError:

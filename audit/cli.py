@@ -195,6 +195,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from audit.images import load_image
 
     paths = _check_images(args.images)
+    if args.out:
+        _output_folder(args.out, "--out")   # before the model loads: a bad folder costs nothing
     choice = _model_from_args(args)
     engine = choice.load(args.device)
     methods = _cam_methods(engine, args.cam_method, allow_all=True)
@@ -667,6 +669,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not items:
         raise AuditError("no usable case in " + ", ".join(map(str, files)))
     _check_images([str(i.case.image) for i in items])
+    _output_folder(args.out, "--out")   # before either model runs
     sides = {"A": (args.a, args.a_labels, args.a_cam_layer), "B": (args.b, args.b_labels, args.b_cam_layer)}
     choice_of = {(k, n): _choice_for(text, labels, item)
                  for k, (text, labels, _) in sides.items() for n, item in enumerate(items)}
@@ -841,7 +844,22 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> 
     g.add_argument("--cam-method", default=None, metavar="NAME",
                    help="gradcam (default), gradcam++, xgradcam, hirescam, layercam, scorecam; "
                         "explain also takes 'all' (every method side by side)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    g.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
+
+
+def _output_folder(path: str, option: str) -> Path:
+    """The folder an option names, created and proven writable now, so a bad one fails before any model
+    loads (an existing file, a read-only place), with one line instead of a traceback at the end."""
+    from audit import report
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"{option} {out} is a file, not a folder: give a folder to write into")
+    try:
+        report.check_writable(out)
+    except AuditError as exc:
+        raise AuditError(f"{option}: {exc}") from None
+    return out
 
 
 def _positive(value: str) -> int:
@@ -997,7 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model B")
     p.add_argument("--out", default="reports/compare", metavar="DIR", help="report folder (default reports/compare)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
     p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="overlay colours (default jet)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)

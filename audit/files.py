@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -73,3 +75,29 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+STALE_TEMP_S = 600.0
+"""A temp file untouched for this long belongs to a writer that was killed: writes take milliseconds,
+and a live writer's file changes as it writes. Younger temps may be another process's, mid-write."""
+
+
+def remove_stale_temps(folder: Path | str, patterns: tuple[str, ...] = (".tmp-*",),
+                       older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete temp files a killed writer left in ``folder`` (only names matching ``patterns``, only plain
+    files, only when older than ``older_than_s``); returns how many. Never raises: it is housekeeping."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    folder = Path(folder)
+    for pattern in patterns:
+        try:
+            found = list(folder.glob(pattern))
+        except OSError:
+            continue
+        for path in found:
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+    return removed

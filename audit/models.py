@@ -132,6 +132,9 @@ class Categories:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelError(f"labels file {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except RecursionError:   # "[[[[..." deeper than the parser's stack: not a labels file
+            raise ModelError(f"labels file {path}: nested too deeply; expected a JSON list of names or a "
+                             f"mapping of index to name") from None
         try:
             return cls._from_json(data)
         except ValueError as exc:

@@ -92,6 +92,8 @@ def pytest_configure(config: pytest.Config) -> None:
         batch = int(batch)
     except ValueError:
         raise pytest.UsageError(f"--audit-batch-size must be an integer, got {batch!r}") from None
+    if batch < 1:   # 0 or a negative count would silently mean 1
+        raise pytest.UsageError(f"--audit-batch-size must be at least 1, got {batch}")
     worker = getattr(config, "workerinput", None)
     lookahead = "model"
     if worker is not None:  # which items this worker gets is only known for file-grouped scheduling
@@ -198,23 +200,35 @@ class _XdistHooks:
 
 
 def _case_scheduling(config: pytest.Config, log: Any) -> Any:
-    """pytest-xdist's scope scheduler with one scope per spec case; every other test is its own scope."""
-    from xdist.scheduler import LoadScopeScheduling
+    """pytest-xdist's load scheduler, except that a chunk sent to a worker never splits a spec case.
 
-    class CaseScheduling(LoadScopeScheduling):
-        """Spec-scope items (``spec.yaml::gates``) are last in the collection and so last in the work
-        queue: by the time one is handed out every case item has been handed out before it, to its
-        worker's queue ahead of anything later, and the gates item waits for their records
-        (:mod:`audit.setrecords`). It must not be held back here: a worker runs its last item only
-        once it gets another one or the shutdown, so holding work back stalls the run."""
+    Built on ``LoadScheduling`` (not ``LoadScopeScheduling``, whose worker-loss path can hang the session
+    or drop the crash report: pytest-xdist #1323, #1378): a killed worker's running item is reported as
+    crashed, its other items go back to the queue and a replacement worker runs them, so the run ends.
+    A case's checks are adjacent in the collection and every chunk ends at a case boundary, so they
+    share a worker. For a collection without spec items every item is its own group and this is
+    exactly ``LoadScheduling``: the plugin changes nothing about how other suites are scheduled.
+    """
+    from xdist.scheduler import LoadScheduling
 
-        def _split_scope(self, nodeid: str) -> str:
-            if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
-                return nodeid.rsplit("::", 1)[0]    # spec.yaml::case::check → spec.yaml::case
-            return nodeid
+    class CaseScheduling(LoadScheduling):
+        def _send_tests(self, node: Any, num: int) -> None:
+            if self.collection is not None and 0 < num < len(self.pending):
+                group = _case_group(self.collection[self.pending[num - 1]])
+                if group is not None:
+                    while num < len(self.pending) and _case_group(self.collection[self.pending[num]]) == group:
+                        num += 1
+            super()._send_tests(node, num)
 
     scheduler = CaseScheduling(config, log)
     return scheduler
+
+
+def _case_group(nodeid: str) -> str | None:
+    """``spec.yaml::case`` for a spec check item (``spec.yaml::case::check``), else None."""
+    if nodeid.split("::", 1)[0].endswith((".yaml", ".yml")) and nodeid.count("::") >= 2:
+        return nodeid.rsplit("::", 1)[0]
+    return None
 
 
 def _audit(config: pytest.Config):
@@ -360,11 +374,15 @@ class CheckItem(pytest.Item):
             results.note_case(self, None, audit, error=str(problem))
             pytest.fail(str(problem), pytrace=False)
         results.note_case(self, self.observation, audit)
-        missing = None
+        missing = unusable = None
         try:
             audit.kind(self.kind).ready(self.observation.prepared.get(self.kind), self.observation)
         except NotRecorded as exc:   # nothing recorded to compare with: never a pass
             missing = exc
+        except AuditError as exc:    # e.g. a tampered baseline: an error of this item, the others run
+            unusable = exc
+        if unusable is not None:
+            pytest.fail(str(unusable), pytrace=False)
         if missing is not None:
             if _setting(self.config, "audit_strict"):
                 pytest.fail(f"{missing} [--audit-strict: a missing recording is an error]", pytrace=False)
@@ -481,9 +499,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if collector.report_dir is not None:
         from audit.report import flush_assets
 
-        flush_assets()  # every picture on disk before the controller writes the page
+        try:
+            flush_assets()  # every picture on disk before the controller writes the page
+        except OSError as exc:   # a full disk: said once in the summary, and no page with holes is written
+            collector.asset_error = f"{type(exc).__name__}: {exc}"
     if hasattr(config, "workeroutput"):
-        config.workeroutput["audit_stats"] = json.dumps({"stats": audit.stats, "models": audit.model_info})
+        config.workeroutput["audit_stats"] = json.dumps({"stats": audit.stats, "models": audit.model_info,
+                                                         "asset_error": collector.asset_error})
         return
     collector.add_stats({"stats": audit.stats, "models": audit.model_info})
     collector.finish(config, session)

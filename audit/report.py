@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from audit.errors import AuditError, UnknownNameError, closest
-from audit.files import atomic_write_bytes, create_temp
+from audit.files import atomic_write_bytes, create_temp, remove_stale_temps
 
 if TYPE_CHECKING:
     import jinja2
@@ -672,17 +672,89 @@ def check_writable(out_dir: Path) -> None:
         raise AuditError(f"report folder {out_dir} is not writable: {reason}") from None
 
 
+STALE_TEMPS = (".index-*.tmp", ".results-*.tmp", ".write-test-*", ".tmp-*")
+_RUN_LOCKS: dict[str, int] = {}   # run id -> open fd holding that run's asset-folder lock
+
+
+@contextlib.contextmanager
+def _folder_lock(out_dir: Path) -> Iterator[None]:
+    """Exclusive lock of a report folder: one run at a time creates a run folder or commits a page.
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next one. Where
+    ``fcntl`` is missing (Windows) runs are not serialised: two runs into one folder there may lose
+    pictures, as before this lock existed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)   # on the folder itself: the report folder holds no lock file
+        yield
+    finally:
+        os.close(fd)   # closing releases the lock
+
+
+def _hold_run(run_dir: Path) -> int | None:
+    """Lock this run's asset folder (flock on the folder's own descriptor) until the run commits or
+    its process ends, so other runs' pruning skips it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the folder itself: no lock file among the pictures
+    return fd
+
+
+def _in_use(run_dir: Path) -> bool:
+    """Whether a live run holds this asset folder (a killed run's folder is free: the kernel unlocked it)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def new_run_dir(out_dir: Path) -> tuple[str, Path]:
-    """A fresh ``out_dir/assets/<run_id>/`` for this run's pictures (timestamp + random, never reused)."""
+    """A fresh ``out_dir/assets/<run_id>/`` for this run's pictures (timestamp + random, never reused).
+
+    The folder is locked for the life of this process: another run writing the same report folder
+    at the same time prunes only folders no live run holds, so it never deletes these pictures.
+    """
     assets = Path(out_dir) / "assets"
     assets.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        try:
-            (assets / run_id).mkdir()
+    with _folder_lock(Path(out_dir)):
+        while True:
+            run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+            try:
+                (assets / run_id).mkdir()
+            except FileExistsError:
+                continue
+            fd = _hold_run(assets / run_id)
+            if fd is not None:
+                _RUN_LOCKS[run_id] = fd
             return run_id, assets / run_id
-        except FileExistsError:
-            continue
+
+
+def release_run_dir(run_id: str | None) -> None:
+    """Give up this process's hold on a run's asset folder (after its page is committed or given up)."""
+    fd = _RUN_LOCKS.pop(run_id, None) if run_id else None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def discard_run_dir(out_dir: Path, run_id: str | None) -> None:
@@ -1228,14 +1300,21 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
 
     Both are rendered into temp files next to their targets and moved in with ``os.replace``;
     ``index.html`` goes last and is the commit point. Only then are older runs' asset folders removed.
-    Any exception (KeyboardInterrupt included) before that leaves the previous report untouched.
+    Any exception (KeyboardInterrupt included) before that leaves the previous report untouched and
+    removes this run's pictures (nothing will show them; on a full disk they would keep it full).
+
+    Two runs into one folder: the commit and the pruning hold the folder's lock (``_folder_lock``),
+    so ``results.json`` and ``index.html`` always come from the same run, and pruning skips the asset
+    folders of runs still going (``_in_use``); the last run to commit owns the page. Temp files of
+    killed runs (older than ``files.STALE_TEMP_S``) are removed at the commit.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    flush_assets()
-    cases = list(cases)
+    committed = False
     temps: list[str] = []
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        flush_assets()
+        cases = list(cases)
         json_tmp = _write_temp(out_dir, ".results-", [_results_json(run, cases)], temps)
         assets = _Assets(out_dir, self_contained,
                          {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
@@ -1246,16 +1325,36 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),
                                  schema_version=SCHEMA_VERSION)
         html_tmp = _write_temp(out_dir, ".index-", html, temps)
-        os.replace(json_tmp, out_dir / "results.json")
-        temps.remove(json_tmp)
-        os.replace(html_tmp, out_dir / "index.html")
-        temps.remove(html_tmp)
+        with _folder_lock(out_dir):   # one run at a time: results.json and index.html stay a pair
+            os.replace(json_tmp, out_dir / "results.json")
+            temps.remove(json_tmp)
+            os.replace(html_tmp, out_dir / "index.html")
+            temps.remove(html_tmp)
+            committed = True
+            release_run_dir(run_id)
+            _prune_assets(out_dir, keep=None if self_contained else run_id)
+            remove_stale_temps(out_dir, STALE_TEMPS)
     finally:
         for tmp in temps:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    _prune_assets(out_dir, keep=None if self_contained else run_id)
+        if not committed:   # nothing will ever show this run's pictures: free the space they hold
+            release_run_dir(run_id)
+            _remove_run(out_dir, run_id)
     return out_dir / "index.html"
+
+
+def discard_run(out_dir: Path, run_id: str | None) -> None:
+    """Give up a run whose page will not be written: its pictures go, the previous report stays."""
+    release_run_dir(run_id)
+    _remove_run(out_dir, run_id)
+
+
+def _remove_run(out_dir: Path, run_id: str | None) -> None:
+    if run_id and RUN_ID_PATTERN.match(run_id):
+        shutil.rmtree(Path(out_dir) / "assets" / run_id, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (Path(out_dir) / "assets").rmdir()   # only succeeds when empty
 
 
 def _prune_assets(out_dir: Path, keep: str | None) -> None:
@@ -1264,7 +1363,8 @@ def _prune_assets(out_dir: Path, keep: str | None) -> None:
     if not assets.is_dir():
         return
     for child in assets.iterdir():
-        if child.is_dir() and not child.is_symlink() and RUN_ID_PATTERN.match(child.name) and child.name != keep:
+        if (child.is_dir() and not child.is_symlink() and RUN_ID_PATTERN.match(child.name) and child.name != keep
+                and not _in_use(child)):   # another run, still writing into this folder, keeps its pictures
             shutil.rmtree(child, ignore_errors=True)
     with contextlib.suppress(OSError):
         assets.rmdir()   # only succeeds when empty

@@ -44,6 +44,7 @@ class ResultCollector:
         self.skip_reasons: dict[str, int] = {}
         self.report_path: Path | None = None
         self.report_error: str | None = None
+        self.asset_error: str | None = None   # a picture could not be written (here or on a worker)
         self._case_json: dict[str, str] = {}
 
     # -- session start (controller) ----------------------------------------------------------------
@@ -130,11 +131,19 @@ class ResultCollector:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = records_of(report)
         if CASE_PROP not in props:
-            return
+            # A spec item's report without our record: a worker died while running it (xdist's crash
+            # report) or something outside our hooks failed. pytest counts it, so the report must too.
+            placeholder = _placeholder_case(report)
+            if placeholder is None or (report.passed and report.when != "call"):
+                return
+            props = {CASE_PROP: json.dumps(placeholder)}
         case = _case_from_json(props[CASE_PROP])
         stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
         if case.get("kinds") and not stored.get("kinds"):
             stored["kinds"] = case["kinds"]
+        if stored.get("placeholder") and not case.get("placeholder"):   # the real record arrived
+            stored.update({k: v for k, v in case.items() if k != "checks"})
+            stored.pop("placeholder", None)
         if case.get("assets") and not stored.get("assets"):
             stored.update({k: v for k, v in case.items() if k != "checks"})
         if case.get("error") and not stored.get("error"):
@@ -146,6 +155,8 @@ class ResultCollector:
             return
         check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {"kind": kind, "metrics": []}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
+        if report.when not in ("setup", "call", "teardown"):   # xdist's crash report says when="???"
+            outcome = "failed"   # as pytest counts it
         message = check.get("message") or _longrepr_text(report)
         if hasattr(report, "wasxfail"):   # pytest's xfail: an expected failure, or one that passed anyway
             outcome = "xfailed" if report.skipped else "xpassed"
@@ -163,6 +174,7 @@ class ResultCollector:
         for name, value in payload.get("stats", {}).items():
             self.stats[name] = self.stats.get(name, 0) + value
         self.models.update(payload.get("models", {}))
+        self.asset_error = self.asset_error or payload.get("asset_error")
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(OUTCOMES, 0)
@@ -184,6 +196,10 @@ class ResultCollector:
             return
         from audit import report
 
+        if self.asset_error:   # the page would show holes: keep the previous report, free the space
+            report.discard_run(self.report_dir, self.run_id)
+            self.report_error = f"its pictures could not be written: {self.asset_error}"
+            return
         if not self.cases:   # a mistyped path or -k: nothing was checked, so the last good report stays
             self.kept_report = True
             report.discard_run_dir(self.report_dir, self.run_id)
@@ -254,7 +270,25 @@ def _case_from_json(text: str) -> dict:
 
     Callers copy before they change anything (``{**case, ...}``); the cache's dicts stay as parsed.
     """
-    return records.CaseRecord.from_dict(json.loads(text)).as_dict()
+    data = json.loads(text)
+    case = records.CaseRecord.from_dict(data).as_dict()
+    if data.get("placeholder"):
+        case["placeholder"] = True
+    return case
+
+
+def _placeholder_case(report: pytest.TestReport) -> dict | None:
+    """A minimal case record for a spec item whose report carries none (its worker crashed); None for
+    any other item. A real record of the case, from another check of it, replaces it when it comes."""
+    spec, _, rest = report.nodeid.partition("::")
+    if not spec.endswith((".yaml", ".yml")) or rest.count("::") < 1:
+        return None
+    case_id = rest.rsplit("::", 1)[0]
+    return {"nodeid": f"{spec}::{case_id}", "spec": spec, "line": None, "case_id": case_id, "model": None,
+            "image": None, "image_size": None, "top_k": [], "target": None, "checks": [],
+            "regions": {"region": None, "avoid": None}, "seen_box": None, "crops": False, "assets": {},
+            "kinds": {}, "error": None, "features": [], "placeholder": True}
+
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

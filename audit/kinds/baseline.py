@@ -56,7 +56,7 @@ class BaselineKind(CheckKind):
                                     case.id, model.run.update_baselines)
         if not prepared.updating:
             try:
-                prepared.then = prepared.store.load(case.id)
+                prepared.then = prepared.store.load(case.id, num_classes=len(model.engine.categories))
             except AuditError as exc:
                 prepared.error = exc
         return prepared
@@ -67,6 +67,8 @@ class BaselineKind(CheckKind):
         return Needs(targets=(int(prepared.then.target),))
 
     def ready(self, prepared: PreparedBaseline, observation: Any) -> None:
+        if prepared.error is not None:   # a tampered or corrupt recording: an error of this item only
+            raise prepared.error
         if not prepared.updating and prepared.then is None and prepared.error is None:
             raise NoBaseline(f"no baseline for {prepared.case_id} in {prepared.store.folder}; "
                              f"record it with --audit-update-baselines")
