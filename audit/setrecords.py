@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from audit.results import CASE_PROP, CHECK_PROP
+from audit.outcomes import CASE_PROP, CHECK_PROP, records_of
 
 GATE_METRICS = frozenset({"top1_is_label", "top1", "pointing_game", "energy_inside"})
 """The check metrics :func:`audit.gates.outcome_of` reads; the others are not kept here."""
@@ -46,7 +46,7 @@ class CaseResults:
                 self.expected.setdefault(item.ref.nodeid, (str(item.ref.spec.path), set()))[1].add(item.nodeid)
 
     def pytest_runtest_logreport(self, report: Any) -> None:
-        props = dict(report.user_properties)
+        props = records_of(report)
         if CASE_PROP not in props:
             return
         if report.when == "setup" and report.outcome == "passed":

@@ -164,7 +164,7 @@ def test_deletion_and_insertion_metrics_need_no_region_and_land_in_results(pytes
     result = pytester.runpytest("-p", "no:cacheprovider", "--audit-report", "rep")
     result.assert_outcomes(passed=2)
     # the curve steps are predicted after the explaining forward, which stays one per batch
-    result.stdout.fnmatch_lines(["*2 images in 1 forward passes*"])
+    result.stdout.fnmatch_lines(["*2 images in 1 forward pass*"])
     data = json.loads((pytester.path / "rep" / "results.json").read_text())
     for case in data["cases"]:
         curves = case["kinds"]["focus"]["curves"]

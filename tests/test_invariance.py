@@ -69,7 +69,7 @@ def test_variants_share_the_originals_forward_pass(pytester):
     _copy_example(pytester)
     result = pytester.runpytest("-p", "no:cacheprovider", "--audit-batch-size", "16")
     # 6 cases x 3 perturbations: still one forward for the batch
-    result.stdout.fnmatch_lines(["*6 images in 1 forward passes*"])
+    result.stdout.fnmatch_lines(["*6 images in 1 forward pass*"])
 
 
 def _marked_scenes(pytester: pytest.Pytester, n: int, offset: int) -> list[tuple[str, object]]:

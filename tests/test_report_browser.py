@@ -91,8 +91,13 @@ def open_page(browser, index: Path):
 
 def load_every_image(page) -> None:
     """The page loads pictures lazily (as the reader scrolls): make every one load now, and wait."""
+    import time
+
     page.evaluate("Array.from(document.images).forEach(i => { i.loading = 'eager'; })")
-    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    deadline = time.monotonic() + 60   # polled from here: the page's CSP forbids wait_for_function's eval
+    while not page.evaluate("() => Array.from(document.images).every(i => i.complete)"):
+        assert time.monotonic() < deadline, "pictures still loading after 60 s"
+        time.sleep(0.05)
 
 
 def visible_cards(page) -> list[str]:

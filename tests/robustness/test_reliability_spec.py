@@ -92,8 +92,9 @@ def test_the_inlined_schema_validates_like_the_original(tmp_path):
 
     from jsonschema import Draft202012Validator
 
-    raw = json.loads(S.SCHEMA_PATH.read_text())
-    original, inlined = Draft202012Validator(raw), S._validator()
+    composed = S.schema()
+    original, inlined = Draft202012Validator(composed), S._validator(S._registry(None))
+
     samples = [
         {"model": {"arch": "x"}, "cases": [{"id": "a", "image": "i.png", "expect": {"top1": "circle"}}]},
         {"model": {"arch": "x"}, "cases": [{"id": "a", "image": "i.png", "focus": {"region": {"boxx": [1]}}}]},
