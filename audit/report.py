@@ -1000,9 +1000,8 @@ _INDEX_METRIC = re.compile(r"^(\w+)\[(\d+)\]$")
 NO_MARGIN = ""   # sort key of a check without a numeric margin: sorted last in either direction
 
 
-def fmt_threshold(value: Any) -> str:
-    """A threshold as the spec wrote it: the shortest decimal that reads back as the same float
-    (0.999 stays 0.999, never "1.00" nor "100%")."""
+def _plain_number(value: Any) -> float | str:
+    """A finite float to format, or the finished text of what is not one (None, booleans, integers, text)."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -1013,27 +1012,26 @@ def fmt_threshold(value: Any) -> str:
         v = float(value)
     except (TypeError, ValueError):
         return str(value)
-    if not math.isfinite(v):
-        return str(v)
-    text = repr(v)
+    return v if math.isfinite(v) else str(v)
+
+
+def fmt_threshold(value: Any) -> str:
+    """A threshold as the spec wrote it: the shortest decimal that reads back as the same float
+    (0.999 stays 0.999, never "1.00" nor "100%")."""
+    plain = _plain_number(value)
+    if isinstance(plain, str):
+        return plain
+    text = repr(plain)
     return text[:-2] if text.endswith(".0") else text
 
 
 def fmt_value(value: Any, threshold: Any = None) -> str:
     """A measured value with as many decimals as it takes to keep its relation to the threshold: 0.4996
     against 0.5 prints 0.4996, not 0.50; at least two decimals, or the threshold's own."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(v):
-        return str(v)
+    plain = _plain_number(value)
+    if isinstance(plain, str):
+        return plain
+    v = plain
     try:
         t = None if threshold is None or isinstance(threshold, bool) else float(threshold)
     except (TypeError, ValueError):
