@@ -133,7 +133,8 @@ class BaselineKind(CheckKind):
         counts = (f"{states.count('recorded')} recorded, {states.count('unchanged')} unchanged"
                   if run.update_baselines else "")
         what = "removed" if run.remove_unused_baselines else "unused"
-        head = ", ".join(p for p in (counts, f"{len(unused)} {what}") if p)
+        cases = sum(path.suffix == ".json" for path in unused)   # one recording = a JSON and its heatmap
+        head = ", ".join(p for p in (counts, f"{cases} {what}") if p)
         lines = [f"model-audit baselines: {head}"]
         lines += [f"  {what}: {path}" for path in unused[:20]]
         if len(unused) > 20:
