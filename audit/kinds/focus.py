@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from audit import checks, defaults, faithfulness, regions
+from audit import checks, defaults, evidence_metrics, faithfulness, regions
 from audit.errors import SpecError
 from audit.kinds.base import CheckKind, Needs, ShownRegion
 
@@ -34,6 +34,7 @@ class Focus:
     min_auc: float | None = None
     avoid: regions.Region | None = None
     max_energy_in_avoid: float | None = None
+    max_density_in_avoid: float | None = None
     max_deletion_auc: float | None = None
     min_insertion_auc: float | None = None
     curve_steps: int = faithfulness.DEFAULT_STEPS
@@ -91,7 +92,12 @@ class FocusKind(CheckKind):
             values["min_energy"] = defaults.MIN_ENERGY
         if avoid is not None and values.get("max_energy_in_avoid") is None:
             values["max_energy_in_avoid"] = defaults.MAX_ENERGY_IN_AVOID
-        floats = ("min_energy", "min_iou", "min_rank_accuracy", "min_auc", "max_energy_in_avoid")
+        if avoid is None and values.get("max_density_in_avoid") is not None:
+            if "max_density_in_avoid" in own:
+                ctx.error("focus.max_density_in_avoid", "max_density_in_avoid needs an avoid region (focus.avoid)")
+            values.pop("max_density_in_avoid")
+        floats = ("min_energy", "min_iou", "min_rank_accuracy", "min_auc", "max_energy_in_avoid",
+                  "max_density_in_avoid")
         return Focus(target=values.get("target"), region=region, avoid=avoid, **curve_values,
                      curve_steps=int(values.get("curve_steps", faithfulness.DEFAULT_STEPS)),
                      pointing_game=bool(values.get("pointing_game", False)),
@@ -127,7 +133,14 @@ class FocusKind(CheckKind):
             max_energy_in_avoid=focus.max_energy_in_avoid,
             target_desc=f"{observation.label(target)!r} (#{target})")
         extra = [(metric, why) for metric, why, _ in self._curve_rows(prepared, observation, target)]
-        return checks.check_focus(observation.explanation.cams[target], expectation, extra)
+        heat = observation.explanation.cams[target]
+        if focus.max_density_in_avoid is not None and not checks.heat_is_empty(heat):
+            density = evidence_metrics.density_ratio(heat, prepared.avoid_mask)
+            ok = density <= focus.max_density_in_avoid
+            extra.append((checks.Metric("density_in_avoid", density, focus.max_density_in_avoid, "<=", ok),
+                          f"the heat in {focus.avoid.describe()} is {density:.2f}x the image's mean density; "
+                          f"at most {focus.max_density_in_avoid:g}x allowed (1.0: no hotter than average)"))
+        return checks.check_focus(heat, expectation, extra)
 
     # -- faithfulness: deletion / insertion curves (RISE) ----------------------------------------------
     def _curve_requests(self, prepared: PreparedFocus, image: Any, explanation: Any) -> list:
@@ -170,11 +183,19 @@ class FocusKind(CheckKind):
         return rows
 
     def record(self, prepared: PreparedFocus | None, observation: Any) -> dict | None:
-        """The curves, for results.json and the report's plot."""
-        if prepared is None or not prepared.focus.curves:
+        """The curves (for the report's plot) and the avoid region's heat density, for results.json."""
+        if prepared is None:
             return None
         target = prepared.target if prepared.target is not None else observation.explanation.top_k[0].index
-        return {"curves": [curve.to_dict() for _, _, curve in self._curve_rows(prepared, observation, target)]}
+        out: dict[str, Any] = {}
+        if prepared.avoid_mask is not None:
+            # reported beside energy_in_avoid: a small avoid box can hold little energy and still be
+            # several times hotter than the image on average (the shortcut example)
+            out["density_in_avoid"] = evidence_metrics.density_ratio(observation.explanation.cams[target],
+                                                                     prepared.avoid_mask)
+        if prepared.focus.curves:
+            out["curves"] = [curve.to_dict() for _, _, curve in self._curve_rows(prepared, observation, target)]
+        return out or None
 
     def marks_peak(self, prepared: PreparedFocus) -> bool:
         return bool(prepared.focus.pointing_game)
