@@ -319,10 +319,7 @@ def _spec_dumper():
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    import numpy as np
     import yaml
-
-    from audit import checks, regions
 
     paths = _check_images(args.images)
     choice = _model_from_args(args)
@@ -660,7 +657,7 @@ def _fail_on(text: str) -> FailOn:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from audit import baselines, checks, regions
+    from audit import baselines, checks
 
     files = _spec_files(args.specs)
     items, skipped = _collect_cases(files)
