@@ -20,10 +20,8 @@ import hashlib
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,8 +31,9 @@ import numpy as np
 from audit.checks import CheckResult, Metric
 from audit.errors import AuditError
 from audit.files import atomic_write
+from audit.versions import library_versions
 
-__all__ = ["Baseline", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
+__all__ = ["Baseline", "BaselineTolerance", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
            "pearson", "hot_iou", "topk_overlap", "prob_drift", "compare", "deltas", "HOT_FRACTION"]
 
 SCHEMA_VERSION = 1
@@ -49,6 +48,18 @@ _JSON_FIELDS = ("case_id", "cam_layer", "heatmap", "image_sha256", "model_finger
 
 
 # ------------------------------------------------------------------------------------------- record
+
+@dataclass(frozen=True)
+class BaselineTolerance:
+    """How far a run may drift from the recorded baseline (the ``baseline:`` key); these defaults are the
+    documented ones."""
+
+    top1_must_match: bool = True
+    min_topk_overlap: float = 0.6
+    max_prob_drift: float = 0.15
+    min_heatmap_correlation: float = 0.7
+    min_hot_iou: float = 0.4
+
 
 @dataclass(frozen=True, eq=False)
 class Baseline:
@@ -137,21 +148,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def current_versions() -> dict[str, str]:
-    """torch / torchvision / model-audit versions, without importing torch (metadata, or the loaded module)."""
-    from audit import __version__
-
-    out: dict[str, str] = {}
-    for name in ("torch", "torchvision"):
-        module = sys.modules.get(name)
-        version = getattr(module, "__version__", None) if module is not None else None
-        if version is None:
-            try:
-                version = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                version = "not installed"
-        out[name] = str(version)
-    out["model_audit"] = __version__
-    return out
+    """torch / torchvision / model-audit versions, without importing torch."""
+    return library_versions()
 
 
 # -------------------------------------------------------------------------------------------- store
@@ -214,15 +212,66 @@ class BaselineStore:
             raise _unusable(npy_path, f"expected a finite 2-D float16 heatmap, found {heat.dtype} {heat.shape}")
         return replace(baseline, heatmap=heat)
 
-    def save(self, baseline: Baseline) -> list[Path]:
-        """Write the case's ``.npy`` then its JSON (the commit point), each atomically; returns both paths."""
+    def save(self, baseline: Baseline) -> "Written":
+        """Write the case's ``.npy`` then its JSON (the commit point), each atomically.
+
+        A recording equal to the stored one in everything but ``recorded_at`` leaves both files
+        byte-identical (re-recording must not churn git diffs): ``Written.changed`` is then False.
+        """
         json_path, npy_path = self.paths(baseline.case_id)
-        self.folder.mkdir(parents=True, exist_ok=True)
         heat = np.ascontiguousarray(np.asarray(baseline.heatmap, dtype=np.float16))
+        document = baseline.to_json(npy_path.name)
+        if self._same_as_stored(json_path, npy_path, document, heat):
+            return Written([json_path, npy_path], changed=False)
+        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(npy_path, lambda fh: np.save(fh, heat, allow_pickle=False), durable=True)
-        text = json.dumps(baseline.to_json(npy_path.name), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         atomic_write(json_path, lambda fh: fh.write(text.encode("utf-8")), durable=True)
-        return [json_path, npy_path]
+        return Written([json_path, npy_path], changed=True)
+
+    @staticmethod
+    def _same_as_stored(json_path: Path, npy_path: Path, document: dict, heat: np.ndarray) -> bool:
+        try:
+            stored = json.loads(json_path.read_text(encoding="utf-8"))
+            old_heat = np.load(npy_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return False
+        if not isinstance(stored, dict):
+            return False
+        ignore = ("recorded_at",)
+        same_doc = ({k: v for k, v in stored.items() if k not in ignore}
+                    == {k: v for k, v in document.items() if k not in ignore})
+        return same_doc and old_heat.dtype == heat.dtype and old_heat.shape == heat.shape and bool(
+            np.array_equal(old_heat, heat))
+
+    def unused(self, case_ids: Iterable[str]) -> list[Path]:
+        """Recorded files (JSON and heatmap) of cases the spec no longer has."""
+        if not self.folder.is_dir():
+            return []
+        wanted = {self.paths(case_id)[0].name for case_id in case_ids}
+        out = []
+        for json_path in sorted(self.folder.glob("*.json")):
+            if json_path.name.startswith(".") or json_path.name in wanted:
+                continue
+            out.append(json_path)
+            npy = json_path.with_suffix(".npy")
+            if npy.is_file():
+                out.append(npy)
+        return out
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``BaselineStore.save`` did: the two files, and whether their content changed."""
+
+    paths: list[Path]
+    changed: bool
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __getitem__(self, index: int) -> Path:
+        return self.paths[index]
 
 
 def _from_json(data: Any) -> Baseline:
@@ -339,10 +388,7 @@ def _now_probs(now: Baseline) -> dict[int, float]:
 # ------------------------------------------------------------------------------------------ compare
 
 def _get(tolerance: Any, name: str) -> Any:
-    if tolerance is None:
-        from audit.spec import BaselineTolerance
-        tolerance = BaselineTolerance()
-    return getattr(tolerance, name)
+    return getattr(tolerance if tolerance is not None else BaselineTolerance(), name)
 
 
 def _who(b: Baseline, index: int) -> str:

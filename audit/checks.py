@@ -7,9 +7,13 @@ region R (a bool mask, rows y, columns x), with the definitions of DESIGN.md "Fo
 - ``energy_inside``: sum of H over R / sum of H (energy-based pointing game, Score-CAM; Quantus'
   relevance mass accuracy on a ReLU'd map).
 - ``pointing_game``: hit when some pixel of R lies within ``tolerance_px`` (Euclidean distance between
-  pixel coordinates) of a hottest pixel; when several pixels share the maximum, any of them may hit.
+  pixel coordinates) of a hottest pixel; when several pixels share the maximum, any of them may hit,
+  but a uniform map (every pixel shares it) points nowhere and never hits.
 - ``iou_at``: IoU of {H >= fraction * max H} with R.
-- ``rank_accuracy``: of the |R| hottest pixels (ties broken by row-major pixel order), the share in R.
+- ``rank_accuracy``: of the |R| hottest pixels, the share in R; pixels tied at the cut share the
+  remaining places (fractional credit, the mean over every tie order), and zero heat is never credited.
+- ``auc``: the area under the ROC curve of H as a score for "pixel in R" (Quantus' AUC): the chance
+  that a pixel of R is hotter than a pixel outside, ties counted half. No threshold, no tie order.
 
 An all-zero heatmap is a result, not an error: every metric returns its "nothing found" value (0.0 or
 False, never NaN) and ``check_focus`` fails every requested check with the reason. Invalid inputs
@@ -20,11 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_MIN_ENERGY = 0.5
 """The energy floor of DESIGN.md, for the spec layer to apply when a focus check names no metric."""
 
 OK, FAIL = "ok", "FAIL"
@@ -65,14 +68,18 @@ class CheckResult:
     passed: bool
     message: str
     metrics: tuple[Metric, ...] = ()
+    data: Mapping[str, Any] | None = None   # JSON-ready extras a kind summarises at the end of the run
 
     def __str__(self) -> str:
         return self.message
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (Python scalars only) for results.json."""
-        return {"kind": self.kind, "passed": bool(self.passed), "message": self.message,
-                "metrics": [m.to_dict() for m in self.metrics]}
+        out = {"kind": self.kind, "passed": bool(self.passed), "message": self.message,
+               "metrics": [m.to_dict() for m in self.metrics]}
+        if self.data:
+            out["data"] = dict(self.data)
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,8 +241,11 @@ def iou_at(heat: np.ndarray, mask: np.ndarray, fraction: float = 0.5) -> float:
 def rank_accuracy(heat: np.ndarray, mask: np.ndarray) -> float:
     """Of the |R| hottest pixels, the share inside R; 0.0 for an all-zero heatmap.
 
-    Ties are broken by row-major pixel order, exactly as ``np.argsort(-heat.ravel(), kind='stable')``
-    would, but in O(n) with a partition: only the pixels tied at the cut-off value need ordering.
+    Pixels tied at the cut-off value share the places left after the hotter ones: each gets
+    ``places / tied`` credit, the mean over every order of the ties (any fixed order, such as
+    row-major, would let the position of R decide the score). Zero heat is never credited: with a
+    single hot pixel outside R and everything else zero, the score is 0, not the share of zeros that
+    happen to lie in R. O(n): a partition finds the cut, no sort.
     """
     heat, mask = _validate(heat, mask)
     if heat_is_empty(heat):
@@ -244,10 +254,36 @@ def rank_accuracy(heat: np.ndarray, mask: np.ndarray) -> float:
     k = int(inside.sum())
     cut = flat[np.argpartition(flat, flat.size - k)[flat.size - k]]  # the k-th largest value
     above = flat > cut
-    need = k - int(above.sum())
-    ties = np.flatnonzero(flat == cut)[:need]
-    hits = int(np.count_nonzero(above & inside)) + int(np.count_nonzero(inside[ties]))
-    return hits / k
+    hits = float(np.count_nonzero(above & inside))
+    if cut > 0:
+        places = k - int(above.sum())
+        tied = flat == cut
+        hits += places * np.count_nonzero(tied & inside) / np.count_nonzero(tied)
+    return min(1.0, hits / k)
+
+
+def auc(heat: np.ndarray, mask: np.ndarray) -> float:
+    """ROC AUC of the heat as a score for "inside R": P(h_in > h_out) + P(h_in == h_out) / 2.
+
+    The threshold-free localisation score of Quantus' ``AUC`` (``sklearn.metrics.roc_curve`` then
+    ``auc``), computed exactly as the Mann-Whitney statistic from counts per distinct heat value: 1.0
+    when every pixel of R is hotter than every pixel outside, 0.5 for a uniform map (chance), 0.0 when
+    R holds the coldest pixels. 0.0 for an all-zero heatmap (nothing found, as the other metrics).
+    Raises ``ValueError`` when R covers every pixel: with nothing outside R there is no curve
+    (``check_focus`` reports that as a failed check with the reason).
+    """
+    heat, mask = _validate(heat, mask)
+    if mask.all():
+        raise ValueError("the region covers every pixel: AUC needs pixels outside it")
+    if heat_is_empty(heat):
+        return 0.0
+    values, where = np.unique(heat.ravel(), return_inverse=True)
+    inside = np.bincount(where.ravel(), weights=mask.ravel(), minlength=len(values))
+    outside = np.bincount(where.ravel(), minlength=len(values)) - inside
+    colder = np.cumsum(outside) - outside  # pixels outside R strictly colder than each value
+    n_in, n_out = float(inside.sum()), float(outside.sum())
+    pairs = float(np.dot(inside, colder + outside / 2.0))
+    return min(1.0, max(0.0, pairs / (n_in * n_out)))
 
 
 def _validate(heat: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -280,6 +316,8 @@ def _pointing(heat: np.ndarray, mask: np.ndarray,
         return False, None, math.inf, 0
     peaks = heat == heat.max()
     n_peaks = int(peaks.sum())
+    if n_peaks == heat.size:  # a uniform map: "any tied maximum may hit" would hit every region
+        return False, None, math.inf, n_peaks
     on_target = np.argwhere(peaks & mask)
     if len(on_target):
         y, x = on_target[0]
@@ -328,6 +366,7 @@ class FocusExpectation:
     min_iou: float | None = None
     iou_threshold: float = 0.5
     min_rank_accuracy: float | None = None
+    min_auc: float | None = None
     avoid: np.ndarray | None = None
     avoid_desc: str = ""
     max_energy_in_avoid: float | None = None
@@ -338,13 +377,13 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
     """Compute every requested metric against its threshold; an all-zero heatmap fails them all."""
     e = expectation
     wants_region = (e.min_energy is not None or e.pointing_game or e.min_iou is not None
-                    or e.min_rank_accuracy is not None)
+                    or e.min_rank_accuracy is not None or e.min_auc is not None)
     if wants_region and e.region is None:
         raise ValueError("a focus metric on the region was requested but FocusExpectation.region is None")
     if e.max_energy_in_avoid is not None and e.avoid is None:
         raise ValueError("max_energy_in_avoid was given but FocusExpectation.avoid is None")
     if not wants_region and e.max_energy_in_avoid is None:
-        raise ValueError("FocusExpectation requests no metric (the spec layer applies DEFAULT_MIN_ENERGY)")
+        raise ValueError("FocusExpectation requests no metric (the focus kind applies audit.defaults.MIN_ENERGY)")
     for mask in (e.region, e.avoid):
         if mask is not None:
             _validate(heat, mask)
@@ -363,7 +402,10 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
     if e.pointing_game:
         hit, peak, dist, n_peaks = _pointing(heat, e.region, float(e.tolerance_px))
         tol = f"tolerance {_fmt(float(e.tolerance_px))} px"
-        if peak is None:
+        if peak is None and n_peaks:
+            why = (f"the heatmap is uniform (all {n_peaks} pixels share the maximum): it points "
+                   f"nowhere, so it hits no region; {tol}")
+        elif peak is None:
             why = f"no hottest point; {tol}"
         else:
             shared = f" ({n_peaks} pixels share the maximum)" if n_peaks > 1 else ""
@@ -385,6 +427,18 @@ def check_focus(heat: np.ndarray, expectation: FocusExpectation) -> CheckResult:
                f"at least {e.min_rank_accuracy:.0%} required")
         rows.append((Metric("rank_accuracy", v, float(e.min_rank_accuracy), ">=",
                             not empty and v >= e.min_rank_accuracy), why))
+
+    if e.min_auc is not None:
+        floor = float(e.min_auc)
+        if e.region.all():
+            rows.append((Metric("auc", 0.0, floor, ">=", False),
+                         f"{region} covers the whole image: AUC needs pixels outside it; use a smaller "
+                         "region or another metric"))
+        else:
+            v = auc(heat, e.region)
+            why = (f"a pixel inside {region} is hotter than one outside with probability {v:.2f} "
+                   f"(ties count half; 0.50 is chance); at least {_fmt(floor)} required")
+            rows.append((Metric("auc", v, floor, ">=", not empty and v >= floor), why))
 
     if e.max_energy_in_avoid is not None:
         v = energy_inside(heat, e.avoid)

@@ -584,11 +584,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         prob_b = float(eb.probs[ta.index]) if eb.probs is not None and ta.index < len(eb.probs) else None
         energy_a = energy_b = None
         region_desc, region_error = None, None
-        focus = item.case.focus
+        focus = item.case.checks.get("focus")
         if focus is not None and focus.region:
-            region_desc = regions.describe(list(focus.region))
+            region_desc = focus.region.describe()
             try:
-                mask = regions.region_mask(list(focus.region), ea.image_size, item.spec_path.parent)
+                mask = focus.region.mask(ea.image_size, item.spec_path.parent)
                 energy_a = checks.energy_inside(ea.cams[ta.index], mask)
                 energy_b = checks.energy_inside(eb.cams[tb.index], mask)
             except AuditError as exc:

@@ -369,7 +369,8 @@ class Engine:
             raise UnknownNameError("preprocess", preprocess, sorted(self.loaded.preprocessing))
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"targets has {len(targets)} entries for {len(images)} images")
-        method = cam_methods.get(cam_method)
+        # a method object (a session's registry hands over user-registered ones) or a built-in's name
+        method = cam_method if hasattr(cam_method, "compute") else cam_methods.get(cam_method)
         cam_name = cam_layer or self.default_cam_layer
         cam_module = self.resolve_layer(cam_name)
         feature_modules = {name: self.resolve_layer(name) for name in dict.fromkeys(feature_layers)}

@@ -14,10 +14,13 @@ The state_dict fingerprint recorded here is what baselines compare to notice new
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -34,13 +37,16 @@ import torch
 import torchvision
 from torch import nn
 
+from audit import torchscript
 from audit.errors import ModelError, UnknownNameError, WeightsUnavailable, closest
 from audit.images import Preprocessing
 
-__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV"]
+__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV", "TIMM_PREFIX"]
 
 #: Set to 1 to never try a download: missing weights fail at once instead of after a network timeout.
 OFFLINE_ENV = "MODEL_AUDIT_OFFLINE"
+#: ``arch: timm/<name>`` builds ``timm.create_model(name)`` (the optional ``timm`` extra).
+TIMM_PREFIX = "timm/"
 _DOWNLOAD_TIMEOUT_S = 10.0
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _AUX_PREFIX = {"googlenet": "aux1.", "inception_v3": "AuxLogits."}
@@ -231,7 +237,10 @@ def load(arch: str, weights: str | None = None, checkpoint: str | Path | None = 
     if checkpoint is not None and weights is not None:
         raise ModelError(f"give either weights ({weights}) or a checkpoint ({checkpoint}), not both: "
                          "a checkpoint replaces every weight")
-    if checkpoint is not None:
+    if arch.startswith(TIMM_PREFIX):
+        built = _from_timm(arch, weights, None if checkpoint is None else Path(checkpoint), seed, num_classes,
+                           target)
+    elif checkpoint is not None:
         built = _from_checkpoint(arch, Path(checkpoint), num_classes, target)
     elif arch in _zoo():
         built = _from_zoo(arch, weights)
@@ -403,6 +412,181 @@ def _torchvision_with_weights(arch: str, enum: Any) -> nn.Module:
                          f"{_first_line(exc)}; delete the file or replace it") from None
 
 
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+# --- timm
+def _timm() -> Any:
+    try:
+        return importlib.import_module("timm")
+    except ModuleNotFoundError as exc:
+        if exc.name != "timm":
+            raise
+        raise ModelError("arch timm/<name> needs the timm package: pip install 'model-audit[timm]'") from None
+
+
+def _timm_config(arch: str, weights: str | None) -> tuple[str, Any]:
+    """(the timm model name with its pretrained tag, the pretrained config): ``timm/resnet18`` with
+    weights ``a1_in1k`` or ``timm/resnet18.a1_in1k`` name the same weights; no tag is timm's default."""
+    timm = _timm()
+    name = arch[len(TIMM_PREFIX):].strip()
+    base, tag = timm.models.split_model_name_tag(name)
+    if weights is not None and str(weights).upper() != "DEFAULT":
+        if tag and tag != weights:
+            raise ModelError(f"arch {arch} already names the weights {tag!r}; leave weights out or "
+                             f"write arch: timm/{base} with weights: {weights}")
+        tag = str(weights)
+    if not base:
+        raise UnknownNameError("model", arch, [], hint="write arch: timm/<name>, e.g. timm/resnet18")
+    if not timm.is_model(base):
+        known = timm.list_models()
+        raise UnknownNameError("model", arch, [TIMM_PREFIX + n for n in closest(base, known, 3)])
+    full = f"{base}.{tag}" if tag else base
+    try:
+        config = timm.models.get_pretrained_cfg(full)
+    except RuntimeError:  # "Invalid pretrained tag"
+        config = None
+    if tag and (config is None or getattr(config, "tag", tag) != tag):
+        tags = [n.split(".", 1)[1] for n in timm.models.get_arch_pretrained_cfgs(base) if "." in n]
+        raise UnknownNameError("weights", tag, closest(tag, tags, 3),
+                               hint=f"timm {base} has weights {', '.join(tags) or 'none'}")
+    return full, config
+
+
+def _timm_preprocessing(full: str, config: Any) -> dict[str, Preprocessing]:
+    """Both preprocessings from the model's own pretrained config: timm's eval transform is resize
+    the shorter side to ``floor(size / crop_pct)`` and centre-crop ``size``, as 'weights' does."""
+    if config is None:
+        return _preprocessing_of(None)
+    _, height, width = config.input_size
+    if height != width:
+        raise ModelError(f"timm {full} takes {width}x{height} inputs; model-audit feeds square inputs only")
+    crop_mode = getattr(config, "crop_mode", "center") or "center"
+    if crop_mode != "center":
+        raise ModelError(f"timm {full} evaluates with crop_mode {crop_mode!r}; model-audit reproduces "
+                         "only timm's 'center' crop")
+    interpolation = config.interpolation or "bilinear"
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ModelError(f"timm {full} resizes with {interpolation!r} interpolation; model-audit supports "
+                         "bilinear, bicubic and nearest")
+    crop_pct = float(config.crop_pct or 0.875)
+    resize = max(int(height), int(math.floor(height / crop_pct)))
+    mean, std = tuple(config.mean), tuple(config.std)
+    return {"squash": Preprocessing("squash", int(height), mean=mean, std=std, interpolation=interpolation),
+            "weights": Preprocessing("weights", int(height), resize=resize, mean=mean, std=std,
+                                     interpolation=interpolation)}
+
+
+def _timm_classifier_key(config: Any) -> str | None:
+    classifier = getattr(config, "classifier", None) if config is not None else None
+    if isinstance(classifier, (list, tuple)):
+        classifier = classifier[0] if classifier else None
+    return f"{classifier}.weight" if classifier else None
+
+
+def _from_timm(arch: str, weights: str | None, checkpoint: Path | None, seed: int | None,
+               num_classes: int | None, target: torch.device) -> _Built:
+    """``timm.create_model(name, pretrained=False, num_classes=N)``: random init, a checkpoint, or
+    timm's pretrained weights when they are already in its cache (a download only when online)."""
+    if checkpoint is not None and weights is not None:
+        raise ModelError(f"give either weights ({weights}) or a checkpoint ({checkpoint}), not both")
+    timm = _timm()
+    full, config = _timm_config(arch, weights)
+    preprocessing = _timm_preprocessing(full, config)
+    base = full.split(".", 1)[0]
+    if checkpoint is not None:
+        _check_file(checkpoint)
+        if _is_torchscript(checkpoint):  # a scripted / traced timm model: timm's preprocessing applies
+            built = _from_torchscript(arch, checkpoint, target)
+            built.preprocessing = preprocessing
+            return built
+        what = f"checkpoint {checkpoint}"
+        state = _read_state_dict(checkpoint, what)
+        key = _timm_classifier_key(config)
+        head = state.get(key) if key else None
+        classes = num_classes or (int(head.shape[0]) if head is not None and head.dim() >= 2 else None) or 1000
+        with torch.random.fork_rng(devices=[]):
+            module = _timm_create(timm, base, arch, pretrained=False, num_classes=classes)
+        _load_into(module, state, what, arch)
+        return _Built(module, None, classes, None, preprocessing, f"checkpoint {checkpoint} (state_dict) into {arch}")
+    if weights is None:
+        with _seeded(seed):
+            module = _timm_create(timm, base, arch, pretrained=False, num_classes=num_classes or 1000)
+        how = f"seed {seed}" if seed is not None else "unseeded"
+        return _Built(module, None, num_classes or 1000, None, preprocessing, f"timm {base} random init ({how})")
+    if config is None:
+        raise WeightsUnavailable(f"timm {base} has no pretrained weights; pass checkpoint: <path> or leave "
+                                 "weights out for random init")
+    full = f"{base}.{config.tag}" if getattr(config, "tag", None) else full
+    classes = num_classes or int(getattr(config, "num_classes", 0) or 1000)
+    cached = _timm_cached_file(config)
+    overlay: dict[str, Any] = {}
+    if cached is not None:
+        overlay = {"pretrained_cfg_overlay": {"file": str(cached)}}
+    elif _offline():
+        raise WeightsUnavailable(f"timm weights {full} are not available offline: they are not in the Hugging "
+                                 f"Face cache ({_hf_cache_dir()}) nor in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
+                                 "download them once where the network is reachable (timm.create_model("
+                                 f"'{full}', pretrained=True)) or pass checkpoint: <path>")
+    try:
+        with _download_timeout(None if cached else _DOWNLOAD_TIMEOUT_S):
+            module = _timm_create(timm, full, arch, pretrained=True, num_classes=classes, **overlay)
+    except ModelError:
+        raise
+    except Exception as exc:  # timm and huggingface_hub raise their own types for a failed download
+        if cached is None:
+            raise WeightsUnavailable(f"timm weights {full} could not be downloaded ({_first_line(exc)}); pass "
+                                     "checkpoint: <path> or set MODEL_AUDIT_OFFLINE=1 to fail at once") from None
+        raise ModelError(f"cached timm weights {cached} cannot be used for {full}: {_first_line(exc)}") from None
+    return _Built(module, getattr(config, "tag", None) or "DEFAULT", classes, None, preprocessing,
+                  f"timm {full} pretrained ({cached or 'downloaded'})")
+
+
+def _timm_create(timm: Any, name: str, arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"timm cannot build {arch} ({', '.join(f'{k}={v}' for k, v in kwargs.items())}): "
+                         f"{_first_line(exc)}") from None
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return "~/.cache/huggingface/hub"
+
+
+def _timm_cached_file(config: Any) -> Path | None:
+    """The pretrained file already on this machine: the Hugging Face cache entry timm would download,
+    or a file named like its URL under torch's hub checkpoints; None when neither is there."""
+    if config is None:
+        return None
+    hub_id = getattr(config, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = hub_id.partition("@")
+            for filename in (getattr(config, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin",
+                             "open_clip_pytorch_model.bin"):
+                if not filename:
+                    continue
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    url = getattr(config, "url", None)
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 @contextlib.contextmanager
 def _safe_torch_load() -> Iterator[None]:
     """torchvision reads hub files with ``weights_only=False``; torch's own switch forces it on.
@@ -502,10 +686,20 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _from_torchscript(arch: str, path: Path, target: torch.device) -> _Built:
+    """A TorchScript archive, mirrored by :mod:`audit.torchscript` so its layers take forward hooks."""
     try:
-        module = torch.jit.load(str(path), map_location=target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's notice that it prefers torch.export
+            script = torch.jit.load(str(path), map_location=target)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelError(f"checkpoint {path}: cannot load this TorchScript archive: {_first_line(exc)}") from None
+    blocked = torchscript.blocker(script)
+    if blocked is not None:
+        raise ModelError(f"checkpoint {path} (TorchScript): no layer inside it can be explained: its forward "
+                         f"uses {blocked}, which model-audit cannot step through to hook a layer; save it "
+                         "with torch.jit.trace(model, example) instead, or save model.state_dict() and name "
+                         "the architecture")
+    module = torchscript.hookable(script, f"checkpoint {path} (TorchScript)")
     zoo = _zoo()
     if arch in zoo:
         entry = zoo[arch]
@@ -539,20 +733,36 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(str, list(data)[:6])) if isinstance(data, dict) else type(data).__name__
         raise ModelError(f"{what} holds no state_dict of tensors (found: {keys}); save "
                          "model.state_dict() or a dict with a 'state_dict' entry")
+    metadata = getattr(state, "_metadata", None)
     keys = list(state)
     if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = _with_metadata({k[len("module."):]: v for k, v in state.items()}, metadata, "module")
     return state
 
 
 def _unwrap(data: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor dict inside ``data``, as saved: ``model.state_dict()`` is an OrderedDict whose
+    ``_metadata`` attribute holds each module's state-dict version, which some modules need to read
+    it (MNASNet refuses a state_dict without one), so the dict itself is returned, never a copy."""
     if _is_tensor_dict(data):
-        return dict(data)
+        return data
     if isinstance(data, dict):
         for key in _WRAPPER_KEYS:
             if _is_tensor_dict(data.get(key)):
-                return dict(data[key])
+                return data[key]
     return None
+
+
+def _with_metadata(state: dict[str, torch.Tensor], metadata: Any, strip: str) -> dict[str, torch.Tensor]:
+    """``state`` (keys already without the ``strip.`` prefix) with the saved per-module versions, their
+    module names stripped the same way, so a DataParallel checkpoint keeps them too."""
+    if not isinstance(metadata, dict):
+        return state
+    kept: Any = collections.OrderedDict(state)
+    kept._metadata = collections.OrderedDict(
+        (name[len(strip) + 1:] if name.startswith(strip + ".") else ("" if name == strip else name), value)
+        for name, value in metadata.items())
+    return kept
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -588,11 +798,21 @@ def _refused(path: Path, exc: BaseException, what: str | None = None) -> str:
 
 
 def _classes_in(arch: str, state: Mapping[str, torch.Tensor]) -> int | None:
-    """The checkpoint's number of classes, read from the tensor that holds the arch's last layer."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. inception's notice about its future default init
-        skeleton = torchvision.models.get_model(arch, weights=None)
-    last = _last_weight_key(skeleton.state_dict())
+    """The checkpoint's number of classes, read from the tensor that holds the arch's last layer.
+
+    The layer's name comes from a skeleton built on the ``meta`` device (no memory, no init). Some
+    builders compute on tensors while they build (RegNet's block widths call ``.tolist()``), which a
+    meta tensor cannot do; for those the checkpoint's own last weight matrix is taken: a state_dict
+    lists its modules in definition order, and torchvision classifiers define their head last. A
+    wrong guess cannot pass silently: the strict load then names the shape mismatch.
+    """
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. inception's notice about its future default init
+            skeleton = torchvision.models.get_model(arch, weights=None)
+        last = _last_weight_key(skeleton.state_dict())
+    except (NotImplementedError, RuntimeError):
+        last = _last_weight_key(state)
     tensor = state.get(last) if last is not None else None
     return int(tensor.shape[0]) if tensor is not None and tensor.dim() >= 2 else None
 
@@ -621,9 +841,15 @@ def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, 
     problems = [p for p in problems if p]
     if problems:
         raise ModelError(f"{what} does not fit {arch}: " + ", ".join(problems))
+    if not isinstance(getattr(state, "_metadata", None), dict):
+        # saved as a plain dict (a copy or a comprehension drops the versions): the keys and shapes
+        # fit, so read it as written by this model's own code (MNASNet refuses a missing version)
+        state = collections.OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", collections.OrderedDict())  # type: ignore[attr-defined]
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # a module's own _load_from_state_dict may refuse the values (MNASNet: a version it does not know)
         raise ModelError(f"{what} does not fit {arch}: {_first_line(exc)}") from None
 
 
@@ -637,4 +863,48 @@ def _listed(count: int, noun: str, items: Sequence[str], plural: str | None = No
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    # torch's zip reader appends a paragraph of advice to "failed finding central directory"
+    return text.splitlines()[0].split(" This is an internal miniz error.", 1)[0]
+
+
+# ------------------------------------------------------------------------------------------ provided
+@dataclass(frozen=True, eq=False)
+class ProvidedModel:
+    """A model a user's own code builds (``pytest_audit_make_model`` in their ``conftest.py``).
+
+    ``module`` is any ``nn.Module`` returning logits; ``categories`` its class names (default "class i");
+    preprocessing squashes to ``input_size`` with ``mean``/``std`` unless ``preprocessing`` gives both modes.
+    """
+
+    module: nn.Module
+    categories: Sequence[str] | None = None
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    preprocessing: Mapping[str, Preprocessing] | None = None
+    source: str = ""
+
+
+def load_provided(arch: str, provided: "ProvidedModel | nn.Module", labels: str | Path | None = None,
+                  device: str = "cpu") -> LoadedModel:
+    """A model from the user's own code, wrapped like any other (labels, preprocessing, fingerprint)."""
+    target = _check_device(device)
+    if isinstance(provided, nn.Module):
+        provided = ProvidedModel(provided)
+    if torchscript.is_torchscript(provided.module):  # hooks need the mirror, as for a checkpoint
+        provided = dataclasses.replace(provided, module=torchscript.hookable(
+            provided.module, f"the TorchScript model {arch!r} from pytest_audit_make_model"))
+    if not isinstance(provided, ProvidedModel) or not isinstance(provided.module, nn.Module):
+        raise ModelError(f"the model {arch!r} provided by pytest_audit_make_model is {type(provided).__name__}; "
+                         "return a torch.nn.Module or audit.models.ProvidedModel")
+    squash = Preprocessing("squash", int(provided.input_size), mean=tuple(provided.mean), std=tuple(provided.std))
+    preprocessing = dict(provided.preprocessing or {"squash": squash, "weights": squash})
+    outputs = _last_weight_rows(provided.module.state_dict())
+    categories = Categories(list(provided.categories)) if provided.categories else None
+    built = _Built(provided.module, None, len(categories) if categories else outputs, categories, preprocessing,
+                   provided.source or f"provided {arch} ({type(provided.module).__name__} from conftest.py)")
+    module = built.module.to(target).eval()
+    return LoadedModel(module=module, arch=arch, weights=None, checkpoint=None,
+                       categories=_categories(arch, built, labels), preprocessing=built.preprocessing,
+                       fingerprint=fingerprint(module), device=str(target), source=built.source)
+

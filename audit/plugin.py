@@ -25,14 +25,23 @@ from typing import Any, Iterator
 
 import pytest
 
+from audit import defaults
 from audit.errors import AuditError
+from audit.kinds.base import NotRecorded
 from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
 SESSION_KEY = pytest.StashKey["Any"]()
 RESULTS_KEY = pytest.StashKey["Any"]()
+REGISTRY_KEY = pytest.StashKey["Any"]()
 
 
 # -- options --------------------------------------------------------------------------------------------
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from audit import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("model-audit", "model-audit: YAML specs that audit image classifiers")
 
@@ -42,17 +51,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(ini, help=help, type=ini_type, default=kwargs.get("default"))
 
     option("--audit-device", "string", "device for the models: cpu, cuda, cuda:1 (default cpu)", default=None)
-    option("--audit-batch-size", "string", "images per forward pass (default 16)", default=None)
+    option("--audit-batch-size", "string", f"images per forward pass (default {defaults.BATCH_SIZE})", default=None)
     option("--audit-strict", "bool", "setting for CI gates: cases that cannot run (weights unavailable, "
            "no baseline) are errors instead of skips", action="store_true", default=None)
     option("--audit-report", "string", "write the HTML report and results.json into this folder",
            default=None)
     group.addoption("--audit-report-self-contained", action="store_true", default=False,
                     help="write the report as one HTML file with the images inlined")
-    group.addoption("--audit-colormap", default="jet", choices=["jet", "turbo", "viridis"],
+    group.addoption("--audit-colormap", default=defaults.COLORMAP, choices=list(defaults.COLORMAPS),
                     help="colormap of heatmaps and overlays in the report (default jet, as the classic notebook)")
     group.addoption("--audit-update-baselines", action="store_true", default=False,
                     help="record baselines (predictions and heatmaps) instead of comparing against them")
+    group.addoption("--audit-remove-unused-baselines", action="store_true", default=False,
+                    help="delete recorded baselines whose case is gone from its spec")
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
@@ -64,9 +75,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from audit.results import ResultCollector
     from audit.session import AuditSession
 
-    config.addinivalue_line("markers", "audit(kind): a model-audit check item (prediction, focus, baseline)")
+    from audit.registry import Registry
+
+    config.addinivalue_line("markers", "audit(kind): a model-audit check item (the kind is its last name)")
+    registry = Registry.default()
+    config.hook.pytest_audit_register(registry=registry)
+    config.stash[REGISTRY_KEY] = registry
     device = _setting(config, "audit_device") or "cpu"
-    batch = _setting(config, "audit_batch_size") or 16
+    batch = _setting(config, "audit_batch_size") or defaults.BATCH_SIZE
     try:
         batch = int(batch)
     except ValueError:
@@ -75,15 +91,21 @@ def pytest_configure(config: pytest.Config) -> None:
     lookahead = "model"
     if worker is not None:  # which items this worker gets is only known for file-grouped scheduling
         lookahead = worker.get("audit_lookahead", "none")
-    config.stash[SESSION_KEY] = AuditSession(device=device, batch_size=batch, lookahead=lookahead,
-                                             update_baselines=config.getoption("audit_update_baselines"))
+    def make_model(model: Any, device: str) -> Any:
+        return config.hook.pytest_audit_make_model(model=model, device=device)
+
+    audit = AuditSession(device=device, batch_size=batch, lookahead=lookahead,
+                         update_baselines=config.getoption("audit_update_baselines"),
+                         registry=registry, strict=bool(_setting(config, "audit_strict")), make_model=make_model)
+    audit.run.remove_unused_baselines = config.getoption("audit_remove_unused_baselines")
+    config.stash[SESSION_KEY] = audit
     report_dir = _setting(config, "audit_report")
     collector = ResultCollector(
         report_dir=Path(report_dir) if report_dir else None,
         self_contained=config.getoption("audit_report_self_contained"),
         colormap=config.getoption("audit_colormap"),
         run_id=worker.get("audit_run_id") if worker else None,
-        is_worker=worker is not None, device=device)
+        is_worker=worker is not None, device=device, session=audit)
     if report_dir and worker is None:
         try:
             collector.start()
@@ -156,7 +178,7 @@ def _results(config: pytest.Config):
 
 # -- collection -----------------------------------------------------------------------------------------
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    if file_path.suffix in (".yaml", ".yml") and is_spec_file(file_path):
+    if file_path.suffix in (".yaml", ".yml") and is_spec_file(file_path, parent.config.stash[REGISTRY_KEY]):
         return SpecFile.from_parent(parent, path=file_path)
     return None
 
@@ -166,12 +188,46 @@ class SpecFile(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item | pytest.Collector]:
         try:
-            spec = load_spec(_display_path(self.path))
+            spec = load_spec(_display_path(self.path), self.config.stash[REGISTRY_KEY])
         except AuditError as exc:
             yield BrokenSpecItem.from_parent(self, name="spec", error=exc)
             return
+        _register_marks(self.config, spec)
         for case in spec.cases:
             yield CaseNode.from_parent(self, name=case.id, spec=spec, case=case)
+        for kind in _audit(self.config).spec_kinds_for(spec):
+            yield SpecCheckItem.from_parent(self, name=kind.name, spec=spec, kind=kind)
+
+
+def _marker(name: str, args: dict) -> pytest.MarkDecorator:
+    """The pytest marker a spec names, with its arguments (``condition`` is a plain true/false)."""
+    kwargs = dict(args)
+    decorator = getattr(pytest.mark, name)
+    if "condition" in kwargs:
+        return decorator(kwargs.pop("condition"), **kwargs)
+    return decorator(**kwargs) if kwargs else decorator
+
+
+def _register_marks(config: pytest.Config, spec: Spec) -> None:
+    """Register the custom marks a spec uses, so ``--strict-markers`` accepts them and none warns."""
+    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+    for name in dict.fromkeys(m for case in spec.cases for m in case.marks):
+        if name not in known:
+            config.addinivalue_line("markers", f"{name}: a mark used by the model-audit spec {spec.path}")
+            known.add(name)
+
+
+def _skipped_before_setup(item: pytest.Item) -> bool:
+    """Whether pytest will skip ``item`` without running its setup (a spec's skip, or skipif true, or
+    xfail(run=false)): such a case must not join a batch, or its image would still go through the model."""
+    for mark in item.iter_markers():
+        if mark.name == "skip":
+            return True
+        if mark.name == "skipif" and mark.args and mark.args[0] is True:
+            return True
+        if mark.name == "xfail" and mark.kwargs.get("run") is False and (not mark.args or mark.args[0] is True):
+            return True
+    return False
 
 
 def _display_path(path: Path) -> Path:
@@ -207,24 +263,15 @@ class CaseNode(pytest.Collector):
         super().__init__(**kwargs)
         self.spec = spec
         self.case = case
-        for mark in case.marks:  # already holds the spec-level marks
-            self.add_marker(mark)
+        for name in case.marks:  # already holds the spec-level marks
+            self.add_marker(_marker(name, case.mark_args.get(name, {})))
 
     def collect(self) -> Iterator[pytest.Item]:
-        from audit.session import CaseRef, has_baselines
+        from audit.session import CaseRef
 
         ref = CaseRef(self.nodeid, self.spec, self.case)
-        kinds = []
-        if self.case.error is not None or (self.case.expect is None and self.case.focus is None):
-            kinds.append("prediction")
-        if self.case.expect is not None:
-            kinds.append("prediction")
-        if self.case.focus is not None:
-            kinds.append("focus")
-        if self.case.error is None and has_baselines(self.spec, self.config.getoption("audit_update_baselines")):
-            kinds.append("baseline")
-        for kind in dict.fromkeys(kinds):
-            yield CheckItem.from_parent(self, name=kind, ref=ref, kind=kind)
+        for kind in _audit(self.config).kinds_for(self.case):
+            yield CheckItem.from_parent(self, name=kind.name, ref=ref, kind=kind.name)
 
 
 class CheckFailed(AssertionError):
@@ -264,19 +311,18 @@ class CheckItem(pytest.Item):
             results.note_case(self, None, audit, error=str(problem))
             pytest.fail(str(problem), pytrace=False)
         results.note_case(self, self.observation, audit)
+        missing = None
+        try:
+            audit.kind(self.kind).ready(self.observation.prepared.get(self.kind), self.observation)
+        except NotRecorded as exc:   # nothing recorded to compare with: never a pass
+            missing = exc
+        if missing is not None:
+            if _setting(self.config, "audit_strict"):
+                pytest.fail(f"{missing} [--audit-strict: a missing recording is an error]", pytrace=False)
+            pytest.skip(f"model-audit: {missing}")
 
     def runtest(self) -> None:
-        from audit.session import NoBaseline
-
-        problem = None
-        try:
-            result = _audit(self.config).check(self.kind, self.observation)
-        except NoBaseline as exc:
-            problem = exc
-        if problem is not None:
-            if _setting(self.config, "audit_strict"):
-                pytest.fail(f"{problem} [--audit-strict]", pytrace=False)
-            pytest.skip(f"model-audit: {problem}")
+        result = _audit(self.config).check(self.kind, self.observation)
         _results(self.config).note_check(self, result)
         if not result.passed:
             raise CheckFailed(result)
@@ -288,7 +334,7 @@ class CheckItem(pytest.Item):
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, CheckFailed):
             case = self.ref.case
-            line = case.line_of("expect" if self.kind == "prediction" else self.kind)
+            line = case.line_of(_audit(self.config).kind(self.kind).line_key())
             return f"{self.ref.spec.path}:{line}: {case.id} [{self.kind}] failed\n{excinfo.value.result.message}"
         if isinstance(excinfo.value, AuditError):
             return str(excinfo.value)
@@ -298,9 +344,52 @@ class CheckItem(pytest.Item):
         return self.ref.spec.path, self.ref.case.location.line - 1, f"{self.ref.case.id}::{self.kind}"
 
 
+class SpecCheckItem(pytest.Item):
+    """A check over a whole spec (a spec-scope kind: gates, sanity); it runs after the spec's cases."""
+
+    def __init__(self, *, spec: Spec, kind: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.kind = kind
+        self.add_marker(pytest.mark.audit(kind.name))
+
+    def runtest(self) -> None:
+        result = self.kind.check_spec(self.spec, _audit(self.config))
+        _results(self.config).note_spec_check(self, result)
+        if not result.passed:
+            raise CheckFailed(result)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, CheckFailed):
+            return f"{self.spec.path}: [{self.kind.name}] failed\n{excinfo.value.result.message}"
+        if isinstance(excinfo.value, AuditError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.spec.path, None, f"{self.spec.path.name}::{self.kind.name}"
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    """Give every check item a record before pytest may skip it (skip marks run before our setup), so a
+    skipped case is still a card of the report and a count of model-audit's summary."""
+    if isinstance(item, CheckItem):
+        _results(item.config).note_planned(item)
+    yield
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Spec-scope items run after every case item (they judge the cases' records)."""
+    spec_items = [item for item in items if isinstance(item, SpecCheckItem)]
+    if spec_items:
+        items[:] = [item for item in items if not isinstance(item, SpecCheckItem)] + spec_items
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Tell the audit session which cases run, in which order: the batching plan."""
-    plan = [(item.ref, 1) for item in session.items if isinstance(item, CheckItem)]
+    plan = [(item.ref, 1) for item in session.items
+            if isinstance(item, CheckItem) and not _skipped_before_setup(item)]
     _audit(session.config).schedule(plan)
 
 

@@ -22,6 +22,7 @@ Errors are ``SpecError`` without a location: the caller knows the spec line and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,23 +36,213 @@ UNION = " \u222a "  # " ∪ "
 Point = tuple[float, float]
 
 
+# ------------------------------------------------------------------------------------------ typed regions
+
+class Region:
+    """A region parsed once from the spec (or a dataset annotation): it knows its mask, outline and name.
+
+    ``mask`` and ``outline`` validate against the image (a region that leaves the image or holds no pixel
+    centre is a ``SpecError``); ``describe`` never raises.
+    """
+
+    def mask(self, image_size: tuple[int, int], base_dir: Path | str = ".") -> np.ndarray:
+        raise NotImplementedError
+
+    def outline(self, image_size: tuple[int, int], base_dir: Path | str = ".") -> list[list[Point]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def parts(self) -> tuple["Region", ...]:
+        return (self,)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True)
+class Box(Region):
+    """``[x0, y0, x1, y1]`` in pixels of the original image, x1/y1 exclusive; fractional corners allowed."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def _pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
+        return _box(list(self.corners()), width, height, self._raw())
+
+    def corners(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+    def _raw(self) -> dict:
+        return {"box": list(self.corners())}
+
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        width, height = _check_size(image_size)
+        return _require_pixels(_box_mask(self._pixels(width, height), width, height), self._raw())
+
+    def outline(self, image_size, base_dir=".") -> list[list[Point]]:
+        width, height = _check_size(image_size)
+        return [_corners(self._pixels(width, height))]
+
+    def describe(self) -> str:
+        return f"box {_fmt_value(list(self.corners()))}"
+
+
+@dataclass(frozen=True)
+class RelBox(Box):
+    """``[x0, y0, x1, y1]`` as fractions of the image's width and height, in [0, 1]."""
+
+    def _raw(self) -> dict:
+        return {"box_rel": list(self.corners())}
+
+    def _pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
+        return _box_rel(list(self.corners()), width, height, self._raw())
+
+    def describe(self) -> str:
+        return f"box_rel {_fmt_value(list(self.corners()))}"
+
+
+@dataclass(frozen=True)
+class Polygon(Region):
+    """Points ``[[x, y], ...]`` in pixels; even-odd rule on pixel centres, half-open boundary."""
+
+    points: tuple[Point, ...]
+
+    def _checked(self, width: int, height: int) -> list[Point]:
+        return _polygon([list(p) for p in self.points], width, height, {"polygon": self.points})
+
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        width, height = _check_size(image_size)
+        return _require_pixels(_polygon_mask(self._checked(width, height), width, height), {"polygon": self.points})
+
+    def outline(self, image_size, base_dir=".") -> list[list[Point]]:
+        width, height = _check_size(image_size)
+        points = self._checked(width, height)
+        _require_pixels(_polygon_mask(points, width, height), {"polygon": self.points})
+        return [[(float(x), float(y)) for x, y in points]]
+
+    def describe(self) -> str:
+        n = len(self.points)
+        return f"polygon ({n} point{'s' if n != 1 else ''})"
+
+
+@dataclass(frozen=True)
+class MaskFile(Region):
+    """An image file of the image's size (relative to the spec's folder); non-zero pixels are inside."""
+
+    path: str
+
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        width, height = _check_size(image_size)
+        return _require_pixels(_mask_file(self.path, width, height, Path(base_dir), {"mask": self.path}),
+                               {"mask": self.path})
+
+    def outline(self, image_size, base_dir=".") -> list[list[Point]]:
+        return _mask_contours(self.mask(image_size, base_dir))
+
+    def describe(self) -> str:
+        return f"mask {self.path}"
+
+
+@dataclass(frozen=True, eq=False)
+class MaskArray(Region):
+    """An in-memory bool mask (h, w) of the original image, e.g. a COCO segmentation decoded by pycocotools.
+
+    ``name`` says where it came from in messages ("annotation 12 of instances.json").
+    """
+
+    array: np.ndarray
+    name: str = "mask"
+
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        width, height = _check_size(image_size)
+        arr = np.asarray(self.array, dtype=bool)
+        if arr.shape != (height, width):
+            raise SpecError(f"{self.name} is {arr.shape[1]}x{arr.shape[0]} but the image is "
+                            f"{width}x{height}: a mask must have the image's size")
+        return _require_pixels(arr.copy(), {"mask": self.name})
+
+    def outline(self, image_size, base_dir=".") -> list[list[Point]]:
+        return _mask_contours(self.mask(image_size, base_dir))
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Union(Region):
+    """The union of its parts; every part is validated on its own (a union never hides an empty part)."""
+
+    members: tuple[Region, ...]
+
+    def parts(self) -> tuple[Region, ...]:
+        return tuple(p for m in self.members for p in m.parts())
+
+    def mask(self, image_size, base_dir=".") -> np.ndarray:
+        width, height = _check_size(image_size)
+        out = np.zeros((height, width), dtype=bool)
+        for part in self.parts():
+            out |= part.mask(image_size, base_dir)
+        return out
+
+    def outline(self, image_size, base_dir=".") -> list[list[Point]]:
+        return [line for part in self.parts() for line in part.outline(image_size, base_dir)]
+
+    def describe(self) -> str:
+        return UNION.join(p.describe() for p in self.parts())
+
+
+def parse(raw: Any) -> Region:
+    """The typed region of a spec value: ``{box: ...}``, ``{box_rel: ...}``, ``{polygon: ...}``,
+    ``{mask: file}``, a list of these (the union), or a :class:`Region` as it is.
+
+    Checks what can be checked without the image (kinds, numbers, corner order, >= 3 polygon points);
+    the image-dependent checks (inside the image, not empty) happen in ``mask``/``outline``.
+    """
+    if isinstance(raw, Region):
+        return raw
+    parts = _parts(raw)
+    typed = [_typed(part) for part in parts]
+    return typed[0] if len(typed) == 1 and isinstance(raw, dict) else Union(tuple(typed))
+
+
+def _typed(part: dict) -> Region:
+    kind, value = _kind(part)
+    if kind in ("box", "box_rel"):
+        x0, y0, x1, y1 = _numbers(value, 4, f"{kind} [x0, y0, x1, y1]")
+        _order(x0, y0, x1, y1, part)
+        if kind == "box_rel" and (min(x0, y0) < 0 or max(x1, y1) > 1):
+            raise SpecError(f"{describe(part)} goes outside the image: box_rel values are fractions "
+                            f"of the width and height, in [0, 1]")
+        return (Box if kind == "box" else RelBox)(x0, y0, x1, y1)
+    if kind == "polygon":
+        if not isinstance(value, (list, tuple)) or len(value) < 3:
+            raise SpecError(f"polygon must be a list of at least 3 [x, y] points, got {value!r}")
+        return Polygon(tuple(tuple(_numbers(p, 2, "each polygon point [x, y]")) for p in value))  # type: ignore[misc]
+    if kind == "mask":
+        if isinstance(value, np.ndarray):
+            return MaskArray(value)
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise SpecError(f"mask must be the path of an image file, got {value!r}")
+        return MaskFile(str(value))
+    raise AssertionError(kind)
+
+
 # ----------------------------------------------------------------------------------------------- public
 
 def region_mask(region: Any, image_size: tuple[int, int], base_dir: Path | str) -> np.ndarray:
-    """The pixels of ``region`` as a bool array (h, w) for an image of ``image_size`` = (w, h).
-
-    Rows are y, columns x. Every part of a union is validated on its own: a union never hides an empty
-    or out-of-image part, because such a part is a mistake in the spec even when the rest is fine.
-    """
-    width, height = _check_size(image_size)
-    out = np.zeros((height, width), dtype=bool)
-    for part in _parts(region):
-        out |= _part_mask(part, width, height, Path(base_dir))
-    return out
+    """The pixels of ``region`` (a spec value or a :class:`Region`) as a bool array (h, w) for an image of
+    ``image_size`` = (w, h). Rows are y, columns x."""
+    return parse(region).mask(image_size, base_dir)
 
 
 def describe(region: Any) -> str:
     """Short text naming a region in messages and the report; never raises (it describes bad input too)."""
+    if isinstance(region, Region):
+        return region.describe()
     if isinstance(region, (list, tuple)):
         if not region:
             return "empty region list"
@@ -78,21 +269,7 @@ def region_outline(region: Any, image_size: tuple[int, int], base_dir: Path | st
     points as written, masks the contours of their pixels (``cv2.findContours``, outer boundaries and
     holes, through the centres of the boundary pixels). Validates like ``region_mask``.
     """
-    width, height = _check_size(image_size)
-    outlines: list[list[Point]] = []
-    for part in _parts(region):
-        kind, value = _kind(part)
-        if kind == "box":
-            outlines.append(_corners(_box(value, width, height, part)))
-        elif kind == "box_rel":
-            outlines.append(_corners(_box_rel(value, width, height, part)))
-        elif kind == "polygon":
-            points = _polygon(value, width, height, part)
-            _require_pixels(_polygon_mask(points, width, height), part)
-            outlines.append([(float(x), float(y)) for x, y in points])
-        else:
-            outlines.extend(_mask_contours(_mask_file(value, width, height, Path(base_dir), part)))
-    return outlines
+    return parse(region).outline(image_size, base_dir)
 
 
 # ------------------------------------------------------------------------------------------- structure
@@ -134,19 +311,6 @@ def _kind(part: dict) -> tuple[str, Any]:
     if hint:
         msg += f" (did you mean {hint[0]!r}?)"
     raise SpecError(msg)
-
-
-def _part_mask(part: dict, width: int, height: int, base_dir: Path) -> np.ndarray:
-    kind, value = _kind(part)
-    if kind == "box":
-        mask = _box_mask(_box(value, width, height, part), width, height)
-    elif kind == "box_rel":
-        mask = _box_mask(_box_rel(value, width, height, part), width, height)
-    elif kind == "polygon":
-        mask = _polygon_mask(_polygon(value, width, height, part), width, height)
-    else:
-        mask = _mask_file(value, width, height, base_dir, part)
-    return _require_pixels(mask, part)
 
 
 def _require_pixels(mask: np.ndarray, part: dict) -> np.ndarray:

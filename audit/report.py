@@ -468,14 +468,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
                        region_outlines: Iterable | None, avoid_outlines: Iterable | None,
                        seen_box: Sequence[float] | None, features: Mapping[str, np.ndarray] | None,
                        max_channels: Mapping[str, int | None] | None, colormap: str = "jet",
-                       baseline_heat: np.ndarray | None = None, thumb_size: int = 256) -> dict[str, Any]:
+                       thumb_size: int = 256, extra: Mapping[tuple[str, str], Any] | None = None) -> dict[str, Any]:
     """Write one case's pictures, sized for a screen, and return their paths relative to the report folder.
 
     Full-size pictures are capped at 1024 px. Tiny scenes are shown by the page at >= 256 px, pixelated:
     their heatmap and overlay are stored at their own size and the image with its outlines at >= 128 px
     (thin outlines, a quarter of the pixels of drawing it at 256). Thumbnails fit in ``thumb_size``.
     Photos and heatmaps are JPEG, feature grids PNG. The files are encoded and written on a background
-    thread: ``flush_assets()`` (called by ``write_report``) waits for them.
+    thread: ``flush_assets()`` (called by ``write_report``) waits for them. ``extra`` holds the check
+    kinds' own pictures (``{(kind, key): Picture}``: an image, a heatmap, or a heatmap over an image),
+    listed under ``out["kinds"][kind][key]``.
     """
     asset_dir = Path(asset_dir)
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -515,8 +517,16 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
         put("overlay", _blend(base, colour))
         shown_height = _shown_size((display.shape[1], display.shape[0]))[1]
         out["colorbar"] = _shared_colorbar(asset_dir, colormap, min(shown_height, thumb_size))
-    if baseline_heat is not None:
-        put("baseline_heatmap", colorize(_resize_heat(baseline_heat, base_size), colormap))
+    kinds: dict[str, dict[str, str]] = {}
+    for (kind, key), picture in (extra or {}).items():
+        pixels = _kind_picture(picture, base, base_size, colormap)
+        if pixels is None:
+            continue
+        name = f"{kind}_{safe_stem(key, 24).replace('-', '_')}"
+        put(name, pixels)
+        kinds.setdefault(kind, {})[key] = out[name]
+        kinds[kind][f"{key}_thumb"] = out[f"{name}_thumb"]
+    out["kinds"] = kinds
     grids: dict[str, str] = {}
     for layer, maps in (features or {}).items():
         maps = np.asarray(maps)
@@ -531,6 +541,20 @@ def render_case_assets(asset_dir: Path, stem: str, image: Image.Image, heat: np.
     out["sizes"] = sizes
     _WRITER.submit(_save_all, pictures)
     return out
+
+
+def _kind_picture(picture: Any, base: np.ndarray, base_size: tuple[int, int], colormap: str) -> np.ndarray | None:
+    """The pixels of a check kind's picture: its image (sized like the case's), its heatmap, or both blended."""
+    image = getattr(picture, "image", None)
+    heat = getattr(picture, "heat", None)
+    if image is None and heat is None:
+        return None
+    rgb = base if image is None else np.asarray(_rgb(image).copy() if image.size == base_size
+                                                else np.asarray(_rgb(image.resize(base_size))))
+    if heat is None:
+        return np.array(rgb)
+    colour = colorize(_resize_heat(heat, base_size), colormap)
+    return colour if image is None else _blend(np.ascontiguousarray(rgb), colour)
 
 
 _COLORBARS: set[str] = set()   # colour bars this process has written (one per run, colormap and height)
@@ -583,6 +607,16 @@ def new_run_dir(out_dir: Path) -> tuple[str, Path]:
             return run_id, assets / run_id
         except FileExistsError:
             continue
+
+
+def discard_run_dir(out_dir: Path, run_id: str | None) -> None:
+    """Remove this run's (unused) asset folder: a run that wrote no page leaves the folder as it found it."""
+    if run_id is None or not RUN_ID_PATTERN.match(run_id):
+        return
+    folder = Path(out_dir) / "assets" / run_id
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (Path(out_dir) / "assets").rmdir()   # only when empty
 
 
 def _results_json(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> str:
@@ -773,7 +807,7 @@ def _spec_folder(spec: str) -> str:
 # Every key the page reads, per kind of record. ``_filled`` gives each missing one the value None, so the
 # template can subscript (``c["error"]``) where ``c.get("error")`` would cost a jinja2 call per use.
 _CASE_KEYS = dict.fromkeys(("nodeid", "spec", "line", "case_id", "model", "image", "image_size", "top_k",
-                            "target", "checks", "regions", "crops", "assets", "baseline", "error", "features"))
+                            "target", "checks", "regions", "crops", "assets", "kinds", "error", "features"))
 _NESTED_KEYS = {
     "checks": dict.fromkeys(("kind", "outcome", "message", "metrics", "duration_s")),
     "top_k": dict.fromkeys(("index", "label", "prob", "expected")),
@@ -781,8 +815,6 @@ _NESTED_KEYS = {
 _METRIC_KEYS = dict.fromkeys(("name", "value", "threshold", "op", "passed"))
 _TARGET_KEYS = dict.fromkeys(("index", "label"))
 _REGIONS_KEYS = dict.fromkeys(("region", "avoid"))
-_BASELINE_KEYS = dict.fromkeys(("heatmap_correlation", "hot_iou", "top1_then", "top1_now", "prob_drift",
-                                "topk_overlap", "recorded_with"))
 
 
 def _filled(record: Mapping[str, Any] | None, keys: dict[str, None]) -> dict[str, Any] | None:
@@ -798,8 +830,29 @@ def _page_record(case: Mapping[str, Any]) -> dict[str, Any]:
         check["metrics"] = [{**_METRIC_KEYS, **m} for m in check["metrics"] or ()]
     c["target"] = _filled(c["target"], _TARGET_KEYS)
     c["regions"] = _filled(c["regions"], _REGIONS_KEYS)
-    c["baseline"] = _filled(c["baseline"], _BASELINE_KEYS)
+    c["kinds"] = dict(c["kinds"] or {})
     return c
+
+
+@functools.lru_cache(maxsize=1)
+def _kind_templates() -> frozenset[str]:
+    """The check kinds that ship a section of their own (``templates/kinds/<name>.html``)."""
+    return frozenset(name[len("kinds/"):-len(".html")] for name in _env().list_templates()
+                     if name.startswith("kinds/") and name.endswith(".html"))
+
+
+def _kind_sections(case: Mapping[str, Any], assets: "_Assets") -> list[dict[str, Any]]:
+    """Each check kind's own part of a card: its data and its pictures, laid out by its template."""
+    pictures = (case["assets"] or {}).get("kinds") or {}
+    sections = []
+    for name in dict.fromkeys([*case["kinds"], *pictures]):
+        if name not in _kind_templates():
+            continue
+        own = pictures.get(name) or {}
+        sections.append({"name": name, "template": f"kinds/{name}.html", "data": case["kinds"].get(name),
+                         "pictures": {k: assets.picture(v, own.get(f"{k}_thumb"))
+                                      for k, v in own.items() if not k.endswith("_thumb")}})
+    return sections
 
 
 def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
@@ -822,7 +875,7 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
         "heatmap": assets.picture(a.get("heatmap"), a.get("heatmap_thumb")),
         "overlay": assets.picture(a.get("overlay"), a.get("overlay_thumb")),
         "colorbar": assets.picture(a.get("colorbar")),
-        "baseline_heatmap": assets.picture(a.get("baseline_heatmap"), a.get("baseline_heatmap_thumb")),
+        "kinds": _kind_sections(case, assets),
         "features": features,
         "duration_s": sum(float(c.get("duration_s") or 0.0) for c in case.get("checks") or []),
     }

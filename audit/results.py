@@ -10,37 +10,28 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+
+from audit import records
+from audit.versions import library_versions
 
 CASE_PROP = "model_audit_case"
 CHECK_PROP = "model_audit_check"
-_ORDER = {"error": 3, "failed": 2, "skipped": 1, "passed": 0}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    return {"torch": version("torch"), "torchvision": version("torchvision"),
-            "model_audit": version("model-audit"), "python": platform.python_version()}
+_ORDER = {"error": 5, "failed": 4, "xpassed": 3, "skipped": 2, "xfailed": 1, "passed": 0}
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 
 class ResultCollector:
     """Controller side: cases rebuilt from reports; worker side: records attached to items."""
 
     def __init__(self, report_dir: Path | None, self_contained: bool = False, colormap: str = "jet",
-                 run_id: str | None = None, is_worker: bool = False, device: str = "cpu"):
+                 run_id: str | None = None, is_worker: bool = False, device: str = "cpu", session: Any = None):
+        self.session = session
+        self.kept_report = False
         self.device = device
         self.report_dir = report_dir
         self.self_contained = self_contained
@@ -77,64 +68,61 @@ class ResultCollector:
         nodeid = item.ref.nodeid
         if nodeid not in self._case_json or error:
             record = self._case_record(item.ref, observation, audit, error)
-            self._case_json[nodeid] = json.dumps(record)
+            self._case_json[nodeid] = record.to_json()
         item.user_properties.append((CASE_PROP, self._case_json[nodeid]))
+
+    def note_planned(self, item: Any) -> None:
+        """A first record of the case before its setup, so a case pytest skips by its marks is still shown."""
+        from audit.session import model_label
+
+        ref, case = item.ref, item.ref.case
+        record = records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
+                                      model_label(ref.model), str(case.image), None, case.location.record)
+        item.user_properties.append((CASE_PROP, record.to_json()))
 
     def note_check(self, item: Any, result: Any) -> None:
         item.user_properties.append((CHECK_PROP, json.dumps(result.to_dict())))
 
-    def note_broken(self, item: Any, message: str) -> None:
-        record = {"nodeid": item.nodeid, "spec": str(item.path), "line": getattr(item.error, "line", None),
-                  "case_id": "(invalid spec)", "model": None, "image": None, "image_size": None,
-                  "top_k": [], "target": None, "checks": [], "regions": {}, "seen_box": None, "crops": False,
-                  "assets": {}, "baseline": None, "error": message, "features": []}
-        item.user_properties.append((CASE_PROP, json.dumps(record)))
+    def note_spec_check(self, item: Any, result: Any) -> None:
+        """A spec-scope check (gates, sanity) shows in the report as a case of its own."""
+        record = records.error_record(item.nodeid, str(item.spec.path), None, f"{item.spec.path.name} [{item.name}]",
+                                      None, None, None)
+        item.user_properties.append((CASE_PROP, record.to_json()))
+        self.note_check(item, result)
 
-    def _case_record(self, ref: Any, observation: Any, audit: Any, error: str | None) -> dict:
+    def note_broken(self, item: Any, message: str) -> None:
+        record = records.error_record(item.nodeid, str(item.path), getattr(item.error, "line", None),
+                                      "(invalid spec)", None, None, message)
+        item.user_properties.append((CASE_PROP, record.to_json()))
+
+    def _case_record(self, ref: Any, observation: Any, audit: Any, error: str | None) -> records.CaseRecord:
         from audit.session import model_label
 
         case = ref.case
-        record: dict[str, Any] = {
-            "nodeid": ref.nodeid, "spec": str(ref.spec.path), "line": case.location.line, "case_id": case.id,
-            "model": model_label(ref.model), "image": str(case.image), "image_size": None, "top_k": [],
-            "target": None, "checks": [], "regions": {"region": None, "avoid": None}, "seen_box": None,
-            "crops": False, "assets": {}, "baseline": None, "error": error, "features": []}
         if observation is None:
-            return record
-        from audit import regions
-        from audit.session import heat_for_report
-
-        prepared, e = observation.prepared, observation.explanation
-        engine = audit.engine(ref.model)
-        focus = case.focus
-        target = observation.target
-        record.update(
-            image_size=list(e.image_size),
-            top_k=[{"index": r.index, "label": r.label, "prob": r.prob, "expected": r.index in prepared.expected_labels}
-                   for r in e.top_k[:max(case.top_k, 5)]],
-            target={"index": target, "label": engine.label(target)},
-            regions={"region": regions.describe(list(focus.region)) if focus and focus.region else None,
-                     "avoid": regions.describe(list(focus.avoid)) if focus and focus.avoid else None},
-            seen_box=list(e.geometry.seen_box), crops=bool(e.geometry.crops),
-            features=[{"layer": f.layer, "shape": list(e.features[f.layer].shape),
-                       "shown": min(f.max_channels or _default_channels(f.layer, e), e.features[f.layer].shape[0])}
-                      for f in case.features],
-            observe_s=observation.seconds)
-        baseline_heat = None
-        if prepared.baseline_then is not None:
-            from audit.baselines import deltas
-
-            record["baseline"] = deltas(prepared.baseline_then, audit.baseline_now(observation))
-            baseline_heat = prepared.baseline_then.heatmap.astype(np.float32)
+            return records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
+                                        model_label(ref.model), str(case.image), error, case.location.record)
+        kinds = audit.kinds_for(case)
+        record = records.build(observation, kinds, model_label(ref.model))
         if self.asset_dir is not None:
             from audit import report
 
-            record["assets"] = report.render_case_assets(
-                self.asset_dir, ref.nodeid, prepared.image, heat_for_report(observation),
-                prepared.region_outlines, prepared.avoid_outlines, e.geometry.seen_box,
+            e = observation.explanation
+            outlines: dict[str, list] = {"expected": [], "avoid": []}
+            extra = {}
+            for kind in kinds:
+                prepared = observation.prepared.get(kind.name)
+                for region in kind.regions(prepared):
+                    outlines.setdefault(region.role, []).extend(region.outlines)
+                for key, picture in kind.pictures(prepared, observation).items():
+                    extra[(kind.name, key)] = picture
+            record.assets = report.render_case_assets(
+                self.asset_dir, ref.nodeid, observation.image, e.cams[observation.subject],
+                outlines["expected"], outlines["avoid"], e.geometry.seen_box,
                 {f.layer: e.features[f.layer] for f in case.features},
-                {f.layer: f.max_channels or _default_channels(f.layer, e) for f in case.features},
-                colormap=self.colormap, baseline_heat=baseline_heat)
+                {f.layer: f.max_channels or records.default_channels(e.features[f.layer].shape[0])
+                 for f in case.features},
+                colormap=self.colormap, extra=extra)
         return record
 
     # -- controller: rebuild from reports --------------------------------------------------------
@@ -144,6 +132,8 @@ class ResultCollector:
             return
         case = _case_from_json(props[CASE_PROP])
         stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
+        if case.get("kinds") and not stored.get("kinds"):
+            stored["kinds"] = case["kinds"]
         if case.get("assets") and not stored.get("assets"):
             stored.update({k: v for k, v in case.items() if k != "checks"})
         if case.get("error") and not stored.get("error"):
@@ -156,13 +146,17 @@ class ResultCollector:
         check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {"kind": kind, "metrics": []}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
         message = check.get("message") or _longrepr_text(report)
-        if report.skipped:
+        if hasattr(report, "wasxfail"):   # pytest's xfail: an expected failure, or one that passed anyway
+            outcome = "xfailed" if report.skipped else "xpassed"
+            reason = str(report.wasxfail or "").removeprefix("reason: ")
+            message = f"expected to fail{': ' + reason if reason else ''}" + (f"\n{message}" if message else "")
+        elif report.skipped:
             reason = _skip_reason(report)
             message = reason
             self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
         stored["checks"].append({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
                                  "metrics": check.get("metrics", []), "duration_s": report.duration,
-                                 "nodeid": report.nodeid})
+                                 "nodeid": report.nodeid, **({"data": check["data"]} if check.get("data") else {})})
 
     def add_stats(self, payload: dict) -> None:
         for name, value in payload.get("stats", {}).items():
@@ -170,11 +164,11 @@ class ResultCollector:
         self.models.update(payload.get("models", {}))
 
     def counts(self) -> dict[str, int]:
-        counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        counts = dict.fromkeys(OUTCOMES, 0)
         for case in self.cases.values():
             for check in case["checks"]:
                 counts[check["outcome"]] += 1
-        return counts
+        return {k: v for k, v in counts.items() if v or k in OUTCOMES[:4]}   # xfail counts only when any
 
     def case_list(self) -> list[dict]:
         cases = []
@@ -189,9 +183,14 @@ class ResultCollector:
             return
         from audit import report
 
+        if not self.cases:   # a mistyped path or -k: nothing was checked, so the last good report stays
+            self.kept_report = True
+            report.discard_run_dir(self.report_dir, self.run_id)
+            return
+
         run = {"started": dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
                "duration_s": round(time.time() - self.started, 3), "models": list(self.models.values()),
-               "versions": _versions(), "counts": self.counts(), "args": list(config.invocation_params.args),
+               "versions": library_versions(python=True), "counts": self.counts(), "args": list(config.invocation_params.args),
                "device": self.device,
                "stats": self.stats}
         try:
@@ -199,6 +198,25 @@ class ResultCollector:
                                                    self_contained=self.self_contained)
         except Exception as exc:  # the test outcomes stand; the report problem is said once, loudly
             self.report_error = f"{type(exc).__name__}: {exc}"
+
+    def kind_summaries(self) -> list[str]:
+        """Each check kind's end-of-run lines (baselines recorded / unchanged / unused ...)."""
+        if self.session is None:
+            return []
+        from audit.errors import AuditError
+        from audit.spec import load_spec
+
+        specs = []
+        for path in dict.fromkeys(c["spec"] for c in self.cases.values() if c.get("spec")):
+            try:
+                specs.append(load_spec(path, self.session.registry))
+            except (AuditError, OSError):
+                continue
+        lines: list[str] = []
+        for kind in self.session.registry.kinds():
+            checks = [ch for c in self.cases.values() for ch in c["checks"] if ch.get("kind") == kind.name]
+            lines += kind.summary(checks, specs, self.session.run)
+        return lines
 
     # -- terminal -------------------------------------------------------------------------------------
     def summary_lines(self) -> list[str]:
@@ -213,6 +231,9 @@ class ResultCollector:
         for reason, n in self.skip_reasons.items():
             lines.append(f"model-audit: {n} checks did not run: {reason} "
                          f"(use --audit-strict to make this an error)")
+        lines += self.kind_summaries()
+        if self.kept_report:
+            lines.append(f"model-audit: no spec case ran; the report in {self.report_dir} was left as it was")
         if self.report_path is not None:
             lines.append(f"model-audit report: {self.report_path}")
         if self.report_error:
@@ -227,13 +248,7 @@ def _case_from_json(text: str) -> dict:
 
     Callers copy before they change anything (``{**case, ...}``); the cache's dicts stay as parsed.
     """
-    return json.loads(text)
-
-
-def _default_channels(layer: str, explanation: Any) -> int:
-    """The classic notebook's grids: all 64 maps of an early layer, the first 72 of a deep one."""
-    channels = explanation.features[layer].shape[0]
-    return channels if channels <= 64 else 72
+    return records.CaseRecord.from_dict(json.loads(text)).as_dict()
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

@@ -1,15 +1,17 @@
 """One audit session: models loaded once, images observed once in batches, results gathered.
 
 The pytest hooks in :mod:`audit.plugin` stay thin and hand everything to an :class:`AuditSession`
-(syrupy's shape). The session owns the three caches that make the suite fast:
+(syrupy's shape). The session owns the caches that make the suite fast:
 
 * engines: one loaded model per model spec (and device) for the whole session; a model that fails to
   load fails once, and every case of it reports the same one-line reason;
 * observations: the first check of a case observes it *and the next cases of the same model* in one
-  batched forward pass; every later check of those cases reuses the observation;
-* prepared inputs: labels, layers, regions and the decoded image of a case, resolved once.
+  batched forward pass, the perturbed variants its check kinds ask for included; every later check of
+  those cases reuses the observation;
+* prepared inputs: what each check kind resolved against the model (labels, regions), once per case.
 
-Checks get plain data (numpy arrays, resolved class indices) and never see torch.
+It knows no check kind by name: it asks the registry's kinds what they need (``prepare``/``needs``) and
+lets them judge (``check``). Kinds get plain data (numpy arrays, class indices) and never see torch.
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import numpy as np
 from PIL import Image
 
-from audit import checks, regions
-from audit.errors import AuditError, SpecError, UnknownNameError
+from audit import defaults
+from audit.errors import AuditError, SpecError, UnknownNameError, WeightsUnavailable
+from audit.kinds.base import ModelContext, RunContext
+from audit.registry import Registry
 from audit.spec import CaseSpec, ModelSpec, Spec
 
 
@@ -43,71 +46,97 @@ class CaseRef:
         return self.spec.model
 
 
-@dataclass
-class Prepared:
-    """A case's inputs resolved against its model: what the forward pass and the checks consume."""
+@dataclass(eq=False)
+class Observation:
+    """What the model did on one case, with what each check kind prepared for it.
+
+    ``explanation`` is the original image's; ``variants`` the explanations of the perturbed images the
+    kinds asked for (by variant name); ``subject`` the class the case is about (a kind's, else the top-1).
+    """
 
     ref: CaseRef
     image: Image.Image
-    target: int | None
-    prediction: checks.PredictionExpectation | None
-    expected_labels: set[int]
-    baseline_then: Any = None         # audit.baselines.Baseline recorded earlier, or None
-    baseline_error: AuditError | None = None
-    focus_region: Any = None          # bool mask or None
-    avoid_region: Any = None
-    region_outlines: list = field(default_factory=list)
-    avoid_outlines: list = field(default_factory=list)
-
-
-@dataclass
-class Observation:
-    """What the model did on one case: the engine's explanation plus the resolved inputs."""
-
-    prepared: Prepared
-    explanation: Any  # audit.engine.Explanation
+    explanation: Any                     # audit.engine.Explanation
+    variants: dict[str, Any]
+    prepared: dict[str, Any]
+    subject: int
     seconds: float
-    _baseline_now: Any = None
+    fingerprint: str
+    preprocess: str
+    label: Callable[[int], str] = field(repr=False, default=str)
+
+    @property
+    def case(self) -> CaseSpec:
+        return self.ref.case
+
+    @property
+    def spec(self) -> Spec:
+        return self.ref.spec
 
     @property
     def target(self) -> int:
-        """The class the focus check and the report explain: the focus target, else the top-1."""
-        t = self.prepared.target
-        return t if t is not None else self.explanation.top_k[0].index
+        """The class the report explains (kept for callers of the first version)."""
+        return self.subject
 
 
 class ModelUnavailable(AuditError):
     """The model of a case cannot run here (weights not available offline): its cases are skipped."""
 
 
-class NoBaseline(AuditError):
-    """A case of a spec with baselines has none recorded yet: skipped (an error under --audit-strict)."""
+class Run(RunContext):
+    """The run's options, as the check kinds see them."""
+
+    def __init__(self, update_baselines: bool = False, strict: bool = False):
+        self.update_baselines = update_baselines
+        self.strict = strict
 
 
-def has_baselines(spec: Spec, updating: bool) -> bool:
-    """Whether the cases of a spec get a ``::baseline`` item: when recording, or when any is recorded."""
-    from audit.baselines import BaselineStore
+class _CaseModel(ModelContext):
+    """The ``ModelContext`` of one case: lookups against its engine, errors located in its spec."""
 
-    return updating or BaselineStore(spec.path).exists()
+    def __init__(self, engine: Any, ref: CaseRef, image: Image.Image, run: Run):
+        self.engine, self.ref, self.image, self.run = engine, ref, image, run
+        self.base_dir = Path(ref.spec.path).parent
+
+    def error(self, key: str, message: str) -> SpecError:
+        case = self.ref.case
+        return SpecError(message, self.ref.spec.path, case.line_of(key), f"{_key(case)}.{key}")
+
+    def resolve_class(self, label: Any, key: str) -> int:
+        try:
+            return self.engine.resolve_class(label)
+        except AuditError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def label(self, index: int) -> str:
+        return self.engine.label(index)
+
+    def mask(self, region: Any, key: str) -> Any:
+        try:
+            return region.mask(self.image.size, self.base_dir)
+        except SpecError as exc:
+            raise self.error(key, exc.message) from None
+
+    def outline(self, region: Any, key: str) -> list:
+        try:
+            return region.outline(self.image.size, self.base_dir)
+        except SpecError as exc:
+            raise self.error(key, exc.message) from None
 
 
 @contextlib.contextmanager
 def _long_lived_allocations() -> Iterator[None]:
-    """Keep the cyclic garbage collector out of a model load, then out of what the load left alive.
+    """Keep the cyclic garbage collector out of a model load.
 
-    Importing torch and building a model create ~400k objects that live as long as the session. Each
-    full collection walks all of them (about 0.1 s on one core); left alone, CPython runs several
-    during the import and one every few thousand allocations afterwards (and pytest calls
-    ``gc.collect()`` twice at exit). So collection is paused during the load, and ``gc.freeze`` (the
-    CPython docs' advice for long-lived processes) moves the survivors to a permanent generation.
-    Reference counting still frees them; a full pass after this walks only the test session's objects.
+    Importing torch and building a model create ~400k objects that live as long as the session; CPython
+    would run several full collections over them during the load. Collection is paused for the load
+    and restored afterwards (a collector the user disabled stays disabled).
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
         if enabled:
             gc.enable()
 
@@ -139,12 +168,17 @@ def share_cores_between_workers(environ: Any = None) -> int | None:
 class AuditSession:
     """Session-wide state of the plugin; see the module docstring."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16, cache_size: int | None = None,
-                 update_baselines: bool = False, lookahead: str = "model"):
+    def __init__(self, device: str = "cpu", batch_size: int = defaults.BATCH_SIZE, cache_size: int | None = None,
+                 update_baselines: bool = False, lookahead: str = "model", registry: Registry | None = None,
+                 strict: bool = False, make_model: Callable[..., Any] | None = None):
         """``lookahead``: which not-yet-run cases join a batch: ``model`` (every case of the model, in
         run order: serial runs), ``file`` (the same spec file: xdist with ``--dist loadfile``), ``none``
         (xdist's default scheduling, where a worker cannot know which items it will get: observing
-        cases another worker runs would be a second forward pass for those images)."""
+        cases another worker runs would be a second forward pass for those images).
+        ``make_model``: the ``pytest_audit_make_model`` hook (a user's own models), or None."""
+        self.registry = registry or Registry.default()
+        self.run = Run(update_baselines=update_baselines, strict=strict)
+        self.make_model = make_model
         self.lookahead = lookahead
         self.update_baselines = update_baselines
         self.device = device
@@ -155,11 +189,25 @@ class AuditSession:
         self._engines: dict[tuple, Any] = {}
         self._observations: "OrderedDict[str, Observation | AuditError]" = OrderedDict()
         self._remaining: dict[str, int] = {}
-        self.stats = {"model_loads": 0, "forward_passes": 0, "images": 0, "model_load_s": 0.0,
+        self.stats = {"model_loads": 0, "forward_passes": 0, "images": 0, "variants": 0, "model_load_s": 0.0,
                       "forward_s": 0.0}
         self.model_info: dict[str, dict] = {}
 
     # -- collection ---------------------------------------------------------------------------------
+    def kinds_for(self, case: CaseSpec) -> list[Any]:
+        """The case-scope check kinds that give ``case`` an item, in item order.
+
+        A case that cannot be read gets one item (of the first kind) that carries its error.
+        """
+        kinds = self.registry.kinds("case")
+        if case.error is not None:
+            return kinds[:1]
+        return [k for k in kinds if k.applies(case, self.run)]
+
+    def spec_kinds_for(self, spec: Spec) -> list[Any]:
+        """The spec-scope check kinds that give ``spec`` an item (run after its cases)."""
+        return [k for k in self.registry.kinds("spec") if k.applies_to_spec(spec, self.run)]
+
     def schedule(self, refs_and_checks: list[tuple[CaseRef, int]]) -> None:
         """Remember the selected cases in run order (after -k/-m/--lf) and how many checks each has."""
         self.refs.clear()
@@ -185,26 +233,34 @@ class AuditSession:
             raise found
         return found
 
-    def _load(self, model: ModelSpec):
-        from audit.errors import WeightsUnavailable
+    def _provided(self, model: ModelSpec) -> Any:
+        """A model the user's own code builds: registered by name, or from ``pytest_audit_make_model``."""
+        if model.arch in self.registry.models:
+            return self.registry.models[model.arch](model, self.device)
+        if self.make_model is not None and model.checkpoint is None:
+            return self.make_model(model=model, device=self.device)
+        return None
 
+    def _load(self, model: ModelSpec):
         started = time.perf_counter()
         try:
             with _long_lived_allocations():
                 from audit.engine import Engine   # the first load imports torch
-                from audit.models import load
+                from audit import models
 
                 share_cores_between_workers()
-
-                loaded = load(model.arch, weights=model.weights, checkpoint=model.checkpoint, labels=model.labels,
-                              device=self.device, seed=model.seed)
+                provided = self._provided(model)
+                if provided is not None:
+                    loaded = models.load_provided(model.arch, provided, labels=model.labels, device=self.device)
+                else:
+                    loaded = models.load(model.arch, weights=model.weights, checkpoint=model.checkpoint,
+                                         labels=model.labels, device=self.device, seed=model.seed)
                 engine = Engine(loaded)
             if model.cam_layer:
                 engine.resolve_layer(model.cam_layer)
+            method = self.cam_method_of(model)
         except WeightsUnavailable as exc:
             return ModelUnavailable(str(exc))
-        except UnknownNameError as exc:
-            return _located(exc, model.location.path, model.location.line, "model")
         except AuditError as exc:
             return _located(exc, model.location.path, model.location.line, "model")
         self.stats["model_loads"] += 1
@@ -213,8 +269,15 @@ class AuditSession:
             "key": model_label(model), "arch": model.arch, "weights": loaded.weights,
             "checkpoint": str(model.checkpoint) if model.checkpoint else None,
             "fingerprint": loaded.fingerprint, "preprocess": model.preprocess, "device": self.device,
-            "source": loaded.source, "cam_layer": model.cam_layer or engine.default_cam_layer}
+            "source": loaded.source, "cam_layer": model.cam_layer or engine.default_cam_layer,
+            "cam_method": method}
         return engine
+
+    def cam_method_of(self, model: ModelSpec) -> str:
+        """The CAM method a model spec asks for (checked against the registry), default Grad-CAM."""
+        name = model.cam_method or defaults.CAM_METHOD
+        self.registry.cam_method(name)   # an unknown name raises UnknownNameError with the close names
+        return name
 
     # -- observations -------------------------------------------------------------------------------
     def observe(self, nodeid: str) -> Observation:
@@ -250,34 +313,68 @@ class AuditSession:
             for n in batch:
                 self._store(n, exc)
             return
-        prepared: list[Prepared] = []
+        cases: list[tuple[CaseRef, Image.Image, dict[str, Any], list]] = []
         for n in batch:
             try:
-                prepared.append(self._prepare(self.refs[n], engine))
+                cases.append(self._prepare(self.refs[n], engine))
             except AuditError as exc:
                 self._store(n, exc)
-        if not prepared:
+        if not cases:
             return
-        layers = list(dict.fromkeys(f.layer for p in prepared for f in p.ref.case.features))
+        images: list[Image.Image] = []
+        targets: list[list[int]] = []
+        owners: list[tuple[int, str | None]] = []   # (case index, variant name or None)
+        for i, (_, image, _, needs) in enumerate(cases):
+            wanted = list(dict.fromkeys(t for need in needs for t in need.targets))
+            images.append(image)
+            targets.append(wanted)
+            owners.append((i, None))
+            for need in needs:
+                for variant in need.variants:
+                    images.append(variant.image)
+                    targets.append(wanted)
+                    owners.append((i, variant.name))
+        layers = list(dict.fromkeys(layer for ref_, _, _, needs in cases
+                                    for layer in [*(f.layer for f in ref_.case.features),
+                                                  *(lay for need in needs for lay in need.layers)]))
         started = time.perf_counter()
         explanations = engine.explain(
-            [p.image for p in prepared], top_k=max(max(p.ref.case.top_k, 5) for p in prepared),
-            cam_layer=ref.model.cam_layer, feature_layers=layers,
-            targets=[_targets(p) for p in prepared], preprocess=ref.model.preprocess, batch_size=len(prepared))
+            images, top_k=max(max(c[0].case.top_k for c in cases), defaults.TOP_K),
+            cam_layer=ref.model.cam_layer, feature_layers=layers, targets=[t or None for t in targets],
+            preprocess=ref.model.preprocess, batch_size=len(images), **self._method_kwargs(ref.model))
         seconds = time.perf_counter() - started
         self.stats["forward_passes"] += 1
-        self.stats["images"] += len(prepared)
+        self.stats["images"] += len(cases)
+        self.stats["variants"] += len(images) - len(cases)
         self.stats["forward_s"] += seconds
-        for p, e in zip(prepared, explanations):
-            self._store(p.ref.nodeid, Observation(p, e, seconds / len(prepared)))
+        originals: dict[int, Any] = {}
+        variants: dict[int, dict[str, Any]] = {i: {} for i in range(len(cases))}
+        for (i, name), explanation in zip(owners, explanations):
+            if name is None:
+                originals[i] = explanation
+            else:
+                variants[i][name] = explanation
+        for i, (case_ref, image, prepared, needs) in enumerate(cases):
+            e = originals[i]
+            subject = next((need.subject for need in needs if need.subject is not None), e.top_k[0].index)
+            self._store(case_ref.nodeid, Observation(
+                case_ref, image, e, variants[i], prepared, int(subject), seconds / len(cases),
+                engine.loaded.fingerprint, case_ref.model.preprocess, engine.label))
+
+    def _method_kwargs(self, model: ModelSpec) -> dict[str, Any]:
+        """``cam_method=``: the method object from this session's registry (built in or the user's)."""
+        if model.cam_method is None:
+            return {}
+        return {"cam_method": self.registry.cam_method(model.cam_method)}
 
     def _store(self, nodeid: str, value: Observation | AuditError) -> None:
         self._observations[nodeid] = value
         while len(self._observations) > self.cache_size:
             self._observations.popitem(last=False)
 
-    def _prepare(self, ref: CaseRef, engine) -> Prepared:
-        """Resolve a case's labels, layers, image and regions; any problem is this case's alone."""
+    def _prepare(self, ref: CaseRef, engine) -> tuple[CaseRef, Image.Image, dict[str, Any], list]:
+        """Decode the image and let every check kind of the case resolve its configuration against the
+        model; any problem is this case's alone."""
         from audit.images import load_image
 
         case, path = ref.case, ref.spec.path
@@ -288,115 +385,26 @@ class AuditSession:
                 engine.resolve_layer(request.layer)
             except UnknownNameError as exc:
                 raise _located(exc, path, case.line_of(f"features[{i}]"), f"{_key(case)}.features[{i}]")
-        prediction, expected = self._prediction(ref, engine)
-        target = None
-        if case.focus is not None and case.focus.target is not None:
-            target = self._resolve(engine, case.focus.target, ref, "focus.target")
         try:
             image = load_image(case.image)
         except AuditError as exc:
             raise SpecError(str(exc), path, case.line_of("image"), f"{_key(case)}.image")
-        prepared = Prepared(ref, image, target, prediction, expected)
-        if not self.update_baselines and has_baselines(ref.spec, False):
-            from audit.baselines import BaselineStore
-
-            try:
-                prepared.baseline_then = BaselineStore(ref.spec.path).load(case.id)
-            except AuditError as exc:  # a corrupt baseline fails the baseline check, not the others
-                prepared.baseline_error = exc
-        if case.focus is not None:
-            base = Path(path).parent
-            size = image.size
-            for attr, outlines, key in (("region", "region_outlines", "focus.region"),
-                                        ("avoid", "avoid_outlines", "focus.avoid")):
-                value = getattr(case.focus, attr)
-                if not value:
-                    continue
-                try:
-                    mask = regions.region_mask(list(value), size, base)
-                    setattr(prepared, outlines, regions.region_outline(list(value), size, base))
-                except SpecError as exc:
-                    raise exc.located(path, case.line_of(key), f"{_key(case)}.{key}")
-                setattr(prepared, "focus_region" if attr == "region" else "avoid_region", mask)
-        return prepared
-
-    def _prediction(self, ref: CaseRef, engine) -> tuple[checks.PredictionExpectation | None, set[int]]:
-        expect = ref.case.expect
-        if expect is None:
-            return None, set()
-
-        def many(name: str) -> tuple[int, ...]:
-            return tuple(self._resolve(engine, label, ref, f"expect.{name}[{i}]")
-                         for i, label in enumerate(getattr(expect, name)))
-
-        top1 = self._resolve(engine, expect.top1, ref, "expect.top1") if expect.top1 is not None else None
-        expectation = checks.PredictionExpectation(
-            top_k=ref.case.top_k, top1=top1, in_top_k=many("in_top_k"), any_in_top_k=many("any_in_top_k"),
-            not_in_top_k=many("not_in_top_k"), min_prob=expect.min_prob)
-        expected = {i for i in (top1, *expectation.in_top_k, *expectation.any_in_top_k) if i is not None}
-        return expectation, expected
-
-    @staticmethod
-    def _resolve(engine, label: Any, ref: CaseRef, key: str) -> int:
-        try:
-            return engine.resolve_class(label)
-        except AuditError as exc:
-            raise _located(exc, ref.spec.path, ref.case.line_of(key), f"{_key(ref.case)}.{key}")
+        context = _CaseModel(engine, ref, image, self.run)
+        prepared: dict[str, Any] = {}
+        needs = []
+        for kind in self.kinds_for(case):
+            prepared[kind.name] = kind.prepare(case.checks.get(kind.name), case, context)
+            needs.append(kind.needs(prepared[kind.name]))
+        return ref, image, prepared, needs
 
     # -- checks -------------------------------------------------------------------------------------
-    def check(self, kind: str, observation: Observation, engine=None) -> checks.CheckResult:
-        """Run one check kind on an observation (pure functions; nothing here touches torch)."""
-        prepared, explanation = observation.prepared, observation.explanation
-        if kind == "prediction":
-            return checks.check_prediction(explanation.top_k, prepared.prediction, self._name_of(prepared))
-        if kind == "focus":
-            focus = prepared.ref.case.focus
-            target = prepared.target if prepared.target is not None else explanation.top_k[0].index
-            heat = explanation.cams[target]
-            expectation = checks.FocusExpectation(
-                region=prepared.focus_region, region_desc=regions.describe(list(focus.region or [])),
-                min_energy=focus.min_energy, pointing_game=focus.pointing_game,
-                tolerance_px=focus.tolerance_px, min_iou=focus.min_iou, iou_threshold=focus.iou_threshold,
-                min_rank_accuracy=focus.min_rank_accuracy, avoid=prepared.avoid_region,
-                avoid_desc=regions.describe(list(focus.avoid)) if focus.avoid else "",
-                max_energy_in_avoid=focus.max_energy_in_avoid,
-                target_desc=f"{self._name_of(prepared)(target)!r} (#{target})")
-            return checks.check_focus(heat, expectation)
-        if kind == "baseline":
-            return self._check_baseline(observation)
-        raise ValueError(f"unknown check kind {kind!r}")
+    def check(self, kind_name: str, observation: Observation):
+        """Run one check kind on an observation (pure: nothing here touches torch)."""
+        kind = self.registry.check_kinds[kind_name]
+        return kind.check(observation.prepared.get(kind_name), observation)
 
-    def baseline_now(self, observation: Observation):
-        """Today's baseline record of a case (built once: it hashes the image file)."""
-        from audit.baselines import Baseline
-
-        if observation._baseline_now is None:
-            ref, then = observation.prepared.ref, observation.prepared.baseline_then
-            engine = self.engine(ref.model)
-            observation._baseline_now = Baseline.from_explanation(
-                ref.case.id, observation.explanation, ref.case.image, engine.loaded.fingerprint,
-                ref.model.preprocess, target=then.target if then is not None else observation.target)
-        return observation._baseline_now
-
-    def _check_baseline(self, observation: Observation) -> checks.CheckResult:
-        from audit.baselines import BaselineStore, compare
-
-        prepared = observation.prepared
-        ref = prepared.ref
-        if prepared.baseline_error is not None:
-            raise prepared.baseline_error
-        now = self.baseline_now(observation)
-        if self.update_baselines:
-            paths = BaselineStore(ref.spec.path).save(now)
-            return checks.CheckResult("baseline", True, f"baseline recorded: {paths[0]}", ())
-        if prepared.baseline_then is None:
-            raise NoBaseline(f"no baseline for {ref.case.id} in {BaselineStore(ref.spec.path).folder}; "
-                             f"record it with --audit-update-baselines")
-        return compare(prepared.baseline_then, now, ref.case.baseline)
-
-    def _name_of(self, prepared: Prepared):
-        engine = self._engines[self.model_key(prepared.ref.model)]
-        return engine.label
+    def kind(self, name: str) -> Any:
+        return self.registry.check_kinds[name]
 
 
 def model_label(model: ModelSpec) -> str:
@@ -420,17 +428,6 @@ def _key(case: CaseSpec) -> str:
 
 def _located(exc: AuditError, path: Path, line: int | None, key_path: str) -> SpecError:
     """Turn a name error found at run time into a spec error that points at the spec line."""
+    if isinstance(exc, SpecError) and exc.path is not None:
+        return exc
     return SpecError(str(exc), path, line, key_path)
-
-
-def heat_for_report(observation: Observation) -> np.ndarray:
-    """The heatmap the report shows: the focus target's, else the top-1's."""
-    return observation.explanation.cams[observation.target]
-
-
-def _targets(prepared: Prepared) -> list[int] | None:
-    """Classes to explain besides the top-1: the focus target and the class the baseline recorded."""
-    wanted = [prepared.target] if prepared.target is not None else []
-    if prepared.baseline_then is not None:
-        wanted.append(int(prepared.baseline_then.target))
-    return wanted or None

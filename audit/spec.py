@@ -32,10 +32,12 @@ import yaml
 from jsonschema import Draft202012Validator
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from audit import defaults
 from audit.errors import SpecError, closest
+from audit.sources.base import Location, SourceCase
 
-__all__ = ["SCHEMA_PATH", "Location", "ModelSpec", "Expect", "Focus", "FeatureRequest", "BaselineTolerance",
-           "CaseSpec", "Spec", "load_spec", "is_spec_file"]
+__all__ = ["SCHEMA_PATH", "Location", "ModelSpec", "FeatureRequest", "CaseSpec", "Spec", "load_spec", "is_spec_file",
+           "schema"]
 
 SCHEMA_PATH: Path = Path(__file__).with_name("spec.schema.json")
 
@@ -48,33 +50,13 @@ MAX_DEPTH = 64
 #: Integers beyond 64 bits are refused: no spec field needs them, and they upset numpy and torch.
 MAX_INT = 2**63 - 1
 
-DEFAULT_TOP_K = 5
-DEFAULT_PREPROCESS = "squash"
-DEFAULT_MIN_ENERGY = 0.5
-DEFAULT_MAX_ENERGY_IN_AVOID = 0.2
-DEFAULT_IOU_THRESHOLD = 0.5
-FOCUS_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy")
-
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_YAML + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
 _MAP_TAG, _SEQ_TAG, _MERGE_TAG = _YAML + "map", _YAML + "seq", _YAML + "merge"
-_CASES_LINE = re.compile(r"^(?:cases|'cases'|\"cases\")[ \t]*:", re.MULTILINE)
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 # --------------------------------------------------------------------------------------------------
 # Public dataclasses
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where something was written: the spec file, the 1-based line and the key path."""
-
-    path: Path
-    line: int
-    key_path: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +71,7 @@ class ModelSpec:
     labels: Path | None
     seed: int | None
     location: Location = field(compare=False)
-    cam_method: str | None = None  # a name from audit.cams.names(); None: the default (gradcam)
+    cam_method: str | None = None  # a registered CAM method (audit.cams); None: the default (gradcam)
 
     def key(self) -> tuple:
         """Identity of the loaded model, so a session loads it once however many specs name it.
@@ -103,35 +85,6 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class Expect:
-    """Prediction expectations; labels stay raw (a name or an index): the model resolves them."""
-
-    top1: str | int | None = None
-    in_top_k: tuple[str | int, ...] = ()
-    any_in_top_k: tuple[str | int, ...] = ()
-    not_in_top_k: tuple[str | int, ...] = ()
-    min_prob: float | None = None
-
-
-@dataclass(frozen=True)
-class Focus:
-    """Focus expectations with defaults applied. ``region``/``avoid`` are tuples of one-key dicts
-    (``box``, ``box_rel``, ``polygon``, ``mask``) whose union is the region; mask paths stay as written
-    (relative to the spec's folder). Not hashable (it holds dicts)."""
-
-    target: str | int | None = None
-    region: tuple[dict, ...] | None = None
-    min_energy: float | None = None
-    pointing_game: bool = False
-    tolerance_px: float = 0.0
-    min_iou: float | None = None
-    iou_threshold: float = DEFAULT_IOU_THRESHOLD
-    min_rank_accuracy: float | None = None
-    avoid: tuple[dict, ...] | None = None
-    max_energy_in_avoid: float | None = None
-
-
-@dataclass(frozen=True)
 class FeatureRequest:
     """A layer to draw as a feature-map grid; ``max_channels`` None means all channels."""
 
@@ -140,20 +93,12 @@ class FeatureRequest:
 
 
 @dataclass(frozen=True)
-class BaselineTolerance:
-    """How far a run may drift from the recorded baseline. These defaults are the documented ones."""
-
-    top1_must_match: bool = True
-    min_topk_overlap: float = 0.6
-    max_prob_drift: float = 0.15
-    min_heatmap_correlation: float = 0.7
-    min_hot_iou: float = 0.4
-
-
-@dataclass(frozen=True)
 class CaseSpec:
     """One case with the spec's defaults merged in.
 
+    ``checks`` maps each check kind's name to its typed configuration (``checks["prediction"]`` is an
+    ``Expect``, ``None`` when the case has nothing for that kind); ``label`` and ``annotations`` are set by
+    dataset sources (the case's class, and named regions such as ``annotation``).
     When ``error`` is set the case cannot run (its other fields are best effort: ``id`` is the written
     id when usable, else ``cases[i]``); the plugin reports it as errored while the other cases run.
     ``lines`` maps key paths relative to the case (``"expect.top1"``, ``"focus.region[1].box"``) to the
@@ -163,18 +108,20 @@ class CaseSpec:
     id: str
     image: Path
     top_k: int
-    expect: Expect | None
-    focus: Focus | None
+    checks: Mapping[str, Any]
     features: tuple[FeatureRequest, ...]
     marks: tuple[str, ...]
-    baseline: BaselineTolerance
     location: Location = field(compare=False)
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
     error: SpecError | None = field(default=None, compare=False)
+    spec_path: Path = field(default=Path("."), compare=False, repr=False)
+    label: str | int | None = None
+    annotations: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    mark_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
-    def line_of(self, rel_key_path: str) -> int:
+    def line_of(self, rel_key_path: str) -> int | None:
         """The best line for a key path relative to the case: the key's, else its nearest parent's,
-        else the case's own line."""
+        else the case's own line (None for a case from an annotation file)."""
         key = rel_key_path
         while key:
             if key in self.lines:
@@ -185,12 +132,16 @@ class CaseSpec:
 
 @dataclass(frozen=True)
 class Spec:
-    """A loaded spec file. ``path`` is as given to ``load_spec``; other paths are absolute."""
+    """A loaded spec file. ``path`` is as given to ``load_spec``; other paths are absolute.
+
+    ``checks`` holds the configurations of spec-scope check kinds (gates, sanity), by kind name.
+    """
 
     path: Path
     model: ModelSpec
     cases: tuple[CaseSpec, ...]
     marks: tuple[str, ...]
+    checks: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def case_errors(self) -> tuple[SpecError, ...]:
@@ -202,9 +153,28 @@ class Spec:
 # Public functions
 
 
-def is_spec_file(path: str | Path) -> bool:
-    """Whether pytest should collect this file as a spec: ``*.yaml``/``*.yml`` with a top-level
-    ``cases:`` line.
+def _registry(registry: Any) -> Any:
+    if registry is not None:
+        return registry
+    from audit.registry import Registry
+
+    return _default_registry(Registry)
+
+
+@lru_cache(maxsize=1)
+def _default_registry(cls: Any) -> Any:
+    return cls.default()
+
+
+@lru_cache(maxsize=16)
+def _top_level_pattern(keys: tuple[str, ...]) -> re.Pattern:
+    names = "|".join(re.escape(k) for k in keys)
+    return re.compile(rf"^(?:{names}|'(?:{names})'|\"(?:{names})\")[ \t]*:", re.MULTILINE)
+
+
+def is_spec_file(path: str | Path, registry: Any = None) -> bool:
+    """Whether pytest should collect this file as a spec: ``*.yaml``/``*.yml`` with a top-level line
+    naming a case source (``cases:``, ``dataset:``).
 
     A text check, not a parse: it is cheap, never raises, never collects unrelated YAML (CI workflows,
     docker-compose files), and still claims a broken spec so that its syntax error gets reported.
@@ -217,31 +187,45 @@ def is_spec_file(path: str | Path) -> bool:
             head = fh.read(MAX_BYTES)
     except (OSError, ValueError):
         return False
-    return _CASES_LINE.search(head.decode("utf-8", errors="replace")) is not None
+    pattern = _top_level_pattern(tuple(_registry(registry).case_sources))
+    return pattern.search(head.decode("utf-8", errors="replace")) is not None
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Load, validate and type a spec file.
+def load_spec(path: str | Path, registry: Any = None) -> Spec:
+    """Load, validate and type a spec file with the check kinds and case sources of ``registry``
+    (default: the built-in ones).
 
     Raises ``SpecError`` for problems of the file (syntax, tags, duplicate keys, top-level keys,
     ``model``, ``defaults``); per-case problems are returned on ``CaseSpec.error``.
     """
     path = Path(path)
+    registry = _registry(registry)
     data, lines = _parse(_read(path), path)
     if not isinstance(data, dict):
         raise SpecError(f"a spec is a mapping with the keys 'model' and 'cases'; found {_describe(data)}",
                         path, lines.get("", (1, 1))[0])
-    problems = _dedupe(list(_number_problems(data, ())) + list(_schema_problems(data)))
+    problems = _dedupe(list(_number_problems(data, ())) + list(_schema_problems(data, registry)))
     spec_level = [p for p in problems if _case_index(p[0]) is None]
     if spec_level:
         raise _combine([_error_at(path, lines, parts, message) for parts, message in spec_level])
     by_case: dict[int, list[tuple[tuple, str]]] = {}
     for parts, message in problems:
         by_case.setdefault(_case_index(parts), []).append((parts, message))
+    sources = [s for key, s in registry.case_sources.items() if key in data]
+    if not sources:
+        keys = ", ".join(repr(k) for k in registry.case_sources)
+        raise SpecError(f"a spec needs its cases: give one of {keys}", path, lines.get("", (1, 1))[0])
     model = _model_spec(data["model"], path, lines)
-    builder = _CaseBuilder(data, path, lines)
-    cases = tuple(builder.build(i, raw, by_case.get(i, [])) for i, raw in enumerate(data["cases"]))
-    return Spec(path=path, model=model, cases=cases, marks=tuple(dict.fromkeys(data.get("marks", ()))))
+    builder = _CaseBuilder(data, path, lines, registry)
+    context = _SourceContext(path, lines)
+    cases = []
+    for source in sources:
+        found = source.cases(data[source.key], context)
+        cases += [builder.build(len(cases) + i, found_case, by_case.get(len(cases) + i, []))
+                  for i, found_case in enumerate(found)]
+    return Spec(path=path, model=model, cases=tuple(cases),
+                marks=tuple(dict.fromkeys(n for n in (_mark(m)[0] for m in data.get("marks", ())) if n)),
+                checks=builder.spec_checks())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,14 +511,48 @@ def _unknown_key_message(key: str, allowed: Sequence[str]) -> str:
 
 
 @lru_cache(maxsize=1)
-def _validator() -> Draft202012Validator:
+def _base_schema() -> str:
     with open(SCHEMA_PATH, encoding="utf-8") as fh:
-        return Draft202012Validator(json.load(fh))
+        return fh.read()
 
 
-def _schema_problems(data: dict) -> Iterator[tuple[tuple, str]]:
+def schema(registry: Any = None) -> dict:
+    """The spec's JSON Schema: the shipped file's shared definitions plus the key of every registered
+    check kind (in cases, ``defaults`` and, for spec-level kinds, at the top) and case source.
+
+    The shipped ``spec.schema.json`` is this composition for the built-in parts (a test keeps them equal),
+    so editors complete the built-in keys; a user's kind adds its own fragment at load time.
+    """
+    registry = _registry(registry)
+    doc = json.loads(_base_schema())
+    case_props = doc["$defs"]["case"]["properties"]
+    default_props = doc["properties"]["defaults"]["properties"]
+    for kind in registry.kinds():
+        if not kind.key:
+            continue
+        if kind.scope == "case":
+            case_props[kind.key] = kind.schema
+            default_props[kind.key] = kind.schema
+            if kind.spec_level:
+                doc["properties"][kind.key] = kind.schema
+        else:
+            doc["properties"][kind.key] = kind.schema
+    for key, source in registry.case_sources.items():
+        doc["properties"][key] = source.schema
+    return doc
+
+
+def _validator(registry: Any) -> Draft202012Validator:
+    cached = getattr(registry, "_spec_validator", None)
+    if cached is None:
+        cached = Draft202012Validator(schema(registry))
+        registry._spec_validator = cached
+    return cached
+
+
+def _schema_problems(data: dict, registry: Any) -> Iterator[tuple[tuple, str]]:
     """(path parts, message) for every schema violation, one per unknown key or missing key."""
-    for err in _validator().iter_errors(data):
+    for err in _validator(registry).iter_errors(data):
         parts = tuple(err.absolute_path)
         kind = err.validator
         schema = err.schema if isinstance(err.schema, dict) else {}
@@ -660,7 +678,7 @@ def _model_spec(raw: dict, path: Path, lines: Mapping[str, tuple[int, int]]) -> 
     if errors:
         raise _combine(errors)
     return ModelSpec(arch=raw["arch"], weights=raw.get("weights"), checkpoint=checkpoint,
-                     preprocess=raw.get("preprocess", DEFAULT_PREPROCESS), cam_layer=raw.get("cam_layer"),
+                     preprocess=raw.get("preprocess", defaults.PREPROCESS), cam_layer=raw.get("cam_layer"),
                      labels=labels, seed=raw.get("seed"),
                      location=Location(path, _line_of(lines, "model"), "model"), cam_method=raw.get("cam_method"))
 
@@ -668,18 +686,35 @@ def _model_spec(raw: dict, path: Path, lines: Mapping[str, tuple[int, int]]) -> 
 # --------------------------------------------------------------------------------------------------
 # Cases
 
-_DEEP_MERGED = ("expect", "focus", "baseline")
 _ID_FORBIDDEN = re.compile(r"\s|/|::")
 
 
-class _CaseBuilder:
-    """Builds one ``CaseSpec`` per raw case: merges defaults, checks semantics, keeps lines."""
+class _SourceContext:
+    """What a case source sees of the spec: its path, folder and lines."""
 
-    def __init__(self, data: dict, path: Path, lines: Mapping[str, tuple[int, int]]):
+    def __init__(self, path: Path, lines: Mapping[str, tuple[int, int]]):
+        self.path, self.base_dir, self.lines = path, path.parent, lines
+
+    def line_of(self, key_path: str) -> int:
+        return _line_of(self.lines, key_path)
+
+    def error(self, key_path: str, message: str, record: str | None = None) -> SpecError:
+        return SpecError(message, self.path, None if record else self.line_of(key_path), key_path or None)
+
+
+class _CaseBuilder:
+    """Builds one ``CaseSpec`` per source case: merges defaults, lets each check kind type its key,
+    checks what is common to every case (id, image), keeps lines."""
+
+    def __init__(self, data: dict, path: Path, lines: Mapping[str, tuple[int, int]], registry: Any):
         self.path = path
         self.base_dir = path.parent
+        self.data = data
+        self.registry = registry
+        self.kinds = registry.kinds("case")
         self.defaults = data.get("defaults", {})
-        self.spec_baseline = data.get("baseline", {})
+        self.spec_values = {k.key: data[k.key] for k in self.kinds if k.key and k.spec_level and k.key in data}
+        self.deep = {k.key for k in self.kinds if k.key and k.merge == "deep"}
         self.spec_marks = tuple(data.get("marks", ()))
         self.lines = lines
         self.buckets: dict[str, dict[str, tuple[int, int]]] = {}
@@ -689,15 +724,15 @@ class _CaseBuilder:
 
     # -- one case
 
-    def build(self, index: int, raw: Any, schema_problems: list[tuple[tuple, str]]) -> CaseSpec:
-        case_kp = f"cases[{index}]"
-        location = Location(self.path, _line_of(self.lines, case_kp), case_kp)
+    def build(self, index: int, found: SourceCase, schema_problems: list[tuple[tuple, str]]) -> CaseSpec:
+        location = found.location
+        case_kp = location.key_path
         errors = [_error_at(self.path, self.lines, parts, message) for parts, message in schema_problems]
-        raw = raw if isinstance(raw, dict) else {}
-        case_id = self._claim_id(raw, case_kp, errors)
+        raw = found.raw if isinstance(found.raw, dict) else {}
+        case_id = self._claim_id(raw, case_kp, errors, location)
         merged, origin = self._merge(raw, case_kp)
-        lines_rel = self._relative_lines(origin, location.line)
-        ctx = _Context(self.path, case_kp, origin, lines_rel, errors)
+        lines_rel = {**self._relative_lines(origin, location.line), **found.lines}
+        ctx = _Context(self.path, case_kp, origin, lines_rel, errors, location)
         image = merged.get("image")
         if isinstance(image, str) and image and not any(e.key_path == f"{case_kp}.image" for e in errors):
             problem = _file_problem("image", _resolve(self.base_dir, image))
@@ -709,13 +744,13 @@ class _CaseBuilder:
                 return case
         return self._errored(case_id or case_kp, merged, location, lines_rel, errors)
 
-    def _claim_id(self, raw: dict, case_kp: str, errors: list[SpecError]) -> str | None:
+    def _claim_id(self, raw: dict, case_kp: str, errors: list[SpecError], location: Location) -> str | None:
         """The case id when usable; a repeated id is an error on the second case."""
         value = raw.get("id")
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None
         case_id = str(value)
-        line = _line_of(self.lines, f"{case_kp}.id")
+        line = _line_of(self.lines, f"{case_kp}.id") if location.record is None else None
         if not case_id or _ID_FORBIDDEN.search(case_id) or not case_id.isprintable():
             if not any(e.key_path == f"{case_kp}.id" for e in errors):  # the schema's pattern caught it
                 errors.append(SpecError(f"{_short(case_id)} is not a valid case id: it becomes part of the "
@@ -727,39 +762,42 @@ class _CaseBuilder:
                                     f"{self.first_id_line[case_id]}); ids must be unique in a file",
                                     self.path, line, f"{case_kp}.id"))
             return None
-        self.first_id_line[case_id] = line
+        self.first_id_line[case_id] = line or 0
         return case_id
 
     def _merge(self, raw: dict, case_kp: str) -> tuple[dict, dict[str, str]]:
-        """The case over the defaults over the spec-level baseline, and for each (relative) key the
+        """The case over the defaults over the spec-level values, and for each (relative) key the
         absolute key path it was written at."""
         merged: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        for key, value in self.spec_values.items():
+            merged[key] = value
+            origin[key] = key
+            if isinstance(value, dict):
+                for sub in value:
+                    origin[f"{key}.{sub}"] = f"{key}.{sub}"
         for key, value in self.defaults.items():
+            base = merged.get(key)
+            if key in self.deep and isinstance(base, dict) and isinstance(value, dict):
+                value = {**base, **value}
             merged[key] = value
             origin[key] = f"defaults.{key}"
+            if key in self.deep and isinstance(self.defaults[key], dict):
+                for sub in self.defaults[key]:
+                    origin[f"{key}.{sub}"] = f"defaults.{key}.{sub}"
         for key, value in raw.items():
             base = merged.get(key)
-            if key in _DEEP_MERGED and isinstance(base, dict) and isinstance(value, dict):
-                for sub in base:
-                    origin[f"{key}.{sub}"] = f"defaults.{key}.{sub}"
+            if key in self.deep and isinstance(base, dict) and isinstance(value, dict):
                 value = {**base, **value}
             merged[key] = value
             origin[key] = f"{case_kp}.{key}"
-            if isinstance(raw[key], dict) and key in _DEEP_MERGED:
+            if isinstance(raw[key], dict) and key in self.deep:
                 for sub in raw[key]:
                     origin[f"{key}.{sub}"] = f"{case_kp}.{key}.{sub}"
-        if self.spec_baseline:
-            own = merged.get("baseline") if isinstance(merged.get("baseline"), dict) else {}
-            for sub in self.spec_baseline:
-                if sub not in own:
-                    origin[f"baseline.{sub}"] = f"baseline.{sub}"
-            merged["baseline"] = {**self.spec_baseline, **own}
-            origin.setdefault("baseline", "baseline")
         return merged, origin
 
-    def _relative_lines(self, origin: Mapping[str, str], case_line: int) -> dict[str, int]:
-        rel_lines = {"": case_line}
+    def _relative_lines(self, origin: Mapping[str, str], case_line: int | None) -> dict[str, int]:
+        rel_lines = {"": case_line} if case_line is not None else {}
         for rel in sorted(origin, key=lambda k: k.count(".")):  # parents first, then their overrides
             source = origin[rel]
             bucket = self.buckets.get(_top_segment(source), {})
@@ -775,98 +813,87 @@ class _CaseBuilder:
     def _typed(self, merged: dict, raw: dict, ctx: "_Context", case_id: str | None, location: Location,
                lines_rel: dict[str, int]) -> CaseSpec | None:
         image = _resolve(self.base_dir, merged["image"])
-        top_k = int(merged.get("top_k", DEFAULT_TOP_K))
-        expect = _expect(merged.get("expect"), top_k, ctx)
-        own_focus = raw.get("focus") if isinstance(raw.get("focus"), dict) else {}
-        focus = self._focus(merged.get("focus"), own_focus, ctx)
+        top_k = int(merged.get("top_k", defaults.TOP_K))
+        ctx.top_k, ctx.base_dir = top_k, self.base_dir
+        ctx.label = merged.get("label")
+        ctx.annotations = merged.get("annotations") or {}
+        configs: dict[str, Any] = {}
+        for kind in self.kinds:
+            if not kind.key:
+                configs[kind.name] = None
+                continue
+            ctx.own = raw.get(kind.key)
+            configs[kind.name] = kind.parse(merged.get(kind.key), ctx)
         if ctx.errors:
             return None
-        return CaseSpec(id=case_id or location.key_path, image=image, top_k=top_k, expect=expect, focus=focus,
-                        features=_features(merged.get("features", ())), marks=self._marks(merged),
-                        baseline=BaselineTolerance(**merged.get("baseline", {})), location=location,
-                        lines=MappingProxyType(lines_rel))
+        return CaseSpec(id=case_id or location.key_path, image=image, top_k=top_k,
+                        checks=MappingProxyType(configs), features=_features(merged.get("features", ())),
+                        marks=self._marks(merged)[0], mark_args=MappingProxyType(self._marks(merged)[1]),
+                        location=location, lines=MappingProxyType(lines_rel),
+                        spec_path=self.path, label=ctx.label, annotations=MappingProxyType(dict(ctx.annotations)))
 
-    def _focus(self, raw: dict | None, own: dict, ctx: "_Context") -> Focus | None:
-        """Focus with its defaults; metrics inherited from ``defaults`` apply only to cases with a
-        region, metrics written in the case without a region are errors."""
-        if not raw:
-            return None
-        values = dict(raw)
-        region = self._regions(values.get("region"), "focus.region", ctx)
-        avoid = self._regions(values.get("avoid"), "focus.avoid", ctx)
-        reported = len(ctx.errors)
-        if region is None:
-            for metric in FOCUS_METRICS:
-                if metric in own and own[metric] is not False:
-                    ctx.error(f"focus.{metric}", f"{metric} needs a region to measure against (focus.region)")
-                values.pop(metric, None)
-        if avoid is None and "max_energy_in_avoid" in values:
-            if "max_energy_in_avoid" in own:
-                ctx.error("focus.max_energy_in_avoid", "max_energy_in_avoid needs an avoid region (focus.avoid)")
-            values.pop("max_energy_in_avoid")
-        if region is None and avoid is None:
-            if own and len(ctx.errors) == reported:
-                ctx.error("focus", "focus has nothing to check: give a region and/or an avoid region")
-            return None
-        if region is not None and not any(values.get(m) not in (None, False) for m in FOCUS_METRICS):
-            values["min_energy"] = DEFAULT_MIN_ENERGY
-        if avoid is not None and values.get("max_energy_in_avoid") is None:
-            values["max_energy_in_avoid"] = DEFAULT_MAX_ENERGY_IN_AVOID
-        floats = ("min_energy", "min_iou", "min_rank_accuracy", "max_energy_in_avoid")
-        return Focus(target=values.get("target"), region=region, avoid=avoid,
-                     pointing_game=bool(values.get("pointing_game", False)),
-                     tolerance_px=float(values.get("tolerance_px", 0.0)),
-                     iou_threshold=float(values.get("iou_threshold", DEFAULT_IOU_THRESHOLD)),
-                     **{k: float(values[k]) if values.get(k) is not None else None for k in floats})
+    def spec_checks(self) -> Mapping[str, Any]:
+        """Configurations of the spec-scope kinds (their keys stand at the top of the spec)."""
+        configs: dict[str, Any] = {}
+        errors: list[SpecError] = []
+        for kind in self.registry.kinds("spec"):
+            if kind.key and kind.key in self.data:
+                ctx = _Context(self.path, "", {kind.key: kind.key}, {kind.key: _line_of(self.lines, kind.key)},
+                               errors, None)
+                ctx.own, ctx.base_dir, ctx.top_k = self.data[kind.key], self.base_dir, defaults.TOP_K
+                configs[kind.name] = kind.parse(self.data[kind.key], ctx)
+        if errors:
+            raise _combine(errors)
+        return MappingProxyType(configs)
 
-    def _regions(self, raw: Any, rel: str, ctx: "_Context") -> tuple[dict, ...] | None:
-        if raw is None:
-            return None
-        items = [(rel, raw)] if isinstance(raw, dict) else [(f"{rel}[{i}]", r) for i, r in enumerate(raw)]
-        out = []
-        for item_rel, item in items:
-            (kind, value), = item.items()
-            where = f"{item_rel}.{kind}"
-            if kind in ("box", "box_rel"):
-                x0, y0, x1, y1 = value
-                if not (x0 < x1 and y0 < y1):
-                    ctx.error(where, f"{kind} {list(value)} is empty: it needs x0 < x1 and y0 < y1 "
-                                     "([x0, y0, x1, y1], not [x, y, width, height])")
-                out.append({kind: tuple(value)})
-            elif kind == "polygon":
-                if len({tuple(p) for p in value}) < 3:
-                    ctx.error(where, "a polygon needs at least 3 distinct points")
-                out.append({kind: tuple(tuple(p) for p in value)})
-            else:
-                problem = _file_problem("mask", _resolve(self.base_dir, value))
-                if problem:
-                    ctx.error(where, problem)
-                out.append({kind: value})
-        return tuple(out)
-
-    def _marks(self, merged: dict) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.spec_marks + tuple(merged.get("marks", ()))))
+    def _marks(self, merged: dict) -> tuple[tuple[str, ...], dict[str, dict]]:
+        """The mark names (spec-level first, then the case's) and the arguments of those that have any."""
+        names: dict[str, None] = {}
+        args: dict[str, dict] = {}
+        for mark in (*self.spec_marks, *merged.get("marks", ())):
+            name, kwargs = _mark(mark)
+            if name is None:
+                continue
+            names[name] = None
+            if kwargs:
+                args[name] = kwargs
+        return tuple(names), args
 
     def _errored(self, case_id: str, merged: dict, location: Location, lines_rel: dict[str, int],
                  errors: list[SpecError]) -> CaseSpec:
         """A case that cannot run, with what is known so the plugin can name and mark it."""
         image = merged.get("image")
         marks = merged.get("marks")
-        valid_marks = isinstance(marks, list) and all(isinstance(m, str) and m.isidentifier() for m in marks)
+        valid_marks = isinstance(marks, list) and all(_mark(m)[0] is not None for m in marks)
+        names, args = self._marks({"marks": marks if valid_marks else []})
         return CaseSpec(id=case_id,
                         image=_resolve(self.base_dir, image) if isinstance(image, str) and image else self.base_dir,
-                        top_k=DEFAULT_TOP_K, expect=None, focus=None, features=(),
-                        marks=tuple(dict.fromkeys(self.spec_marks + (tuple(marks) if valid_marks else ()))),
-                        baseline=BaselineTolerance(), location=location, lines=MappingProxyType(lines_rel),
-                        error=_combine(errors))
+                        top_k=defaults.TOP_K, checks=MappingProxyType({k.name: None for k in self.kinds}),
+                        features=(),
+                        marks=names, mark_args=MappingProxyType(args),
+                        location=location, lines=MappingProxyType(lines_rel), error=_combine(errors),
+                        spec_path=self.path)
 
 
 class _Context:
-    """Collects the errors of one case at the lines (and key paths) their keys were written at."""
+    """Collects the errors of one case at the lines (and key paths) their keys were written at; it is
+    the ``ParseContext`` the check kinds see (``own``, ``top_k``, ``base_dir``, ``error``)."""
 
     def __init__(self, path: Path, case_kp: str, origin: Mapping[str, str], lines_rel: Mapping[str, int],
-                 errors: list[SpecError]):
+                 errors: list[SpecError], location: Location | None):
         self.path, self.case_kp, self.origin, self.lines_rel, self.errors = path, case_kp, origin, lines_rel, errors
+        self.location = location
+        self.own: Any = None
+        self.top_k = defaults.TOP_K
+        self.base_dir = path.parent
+        self.label: Any = None
+        self.annotations: Mapping[str, Any] = {}
+
+    def error_count(self) -> int:
+        return len(self.errors)
+
+    def file_problem(self, what: str, value: str) -> str | None:
+        return _file_problem(what, _resolve(self.base_dir, value))
 
     def error(self, rel: str, message: str) -> None:
         key, suffix = rel, ""
@@ -874,12 +901,15 @@ class _Context:
             cut = _parent(key)
             suffix = key[len(cut):] + suffix
             key = cut
-        key_path = (self.origin[key] + suffix) if key else f"{self.case_kp}.{rel}"
+        prefix = f"{self.case_kp}." if self.case_kp else ""
+        key_path = (self.origin[key] + suffix) if key else f"{prefix}{rel}"
         line = self.lines_rel.get(rel)
         probe = rel
-        while line is None:
+        while line is None and probe:
             probe = _parent(probe)
             line = self.lines_rel.get(probe)
+        if line is None and self.location is not None and self.location.record is None:
+            line = self.location.line
         self.errors.append(SpecError(message, self.path, line, key_path))
 
 
@@ -888,25 +918,18 @@ def _top_segment(key_path: str) -> str:
     return match.group(0) if match else ""
 
 
-def _label_key(label: str | int) -> str | int:
-    return label.strip().lower() if isinstance(label, str) else label
-
-
-def _expect(raw: dict | None, top_k: int, ctx: _Context) -> Expect | None:
-    if not raw:
-        return None
-    expect = Expect(top1=raw.get("top1"), in_top_k=tuple(raw.get("in_top_k", ())),
-                    any_in_top_k=tuple(raw.get("any_in_top_k", ())), not_in_top_k=tuple(raw.get("not_in_top_k", ())),
-                    min_prob=float(raw["min_prob"]) if raw.get("min_prob") is not None else None)
-    required = set(map(_label_key, expect.in_top_k))
-    if expect.top1 is not None:
-        required.add(_label_key(expect.top1))
-    if len(required) > top_k:
-        ctx.error("expect.in_top_k", f"{len(required)} different labels must be in the top-k but top_k is {top_k}")
-    clash = [label for label in expect.not_in_top_k if _label_key(label) in required]
-    if clash:
-        ctx.error("expect.not_in_top_k", f"{_short(clash[0])} is both required and forbidden in the top-k")
-    return expect
+def _mark(mark: Any) -> tuple[str | None, dict]:
+    """``slow`` -> ("slow", {}); ``{xfail: {reason: r}}`` / ``{skip: r}`` -> (name, {"reason": r, ...})."""
+    if isinstance(mark, str):
+        return (mark, {}) if mark.isidentifier() else (None, {})
+    if isinstance(mark, dict) and len(mark) == 1:
+        (name, value), = mark.items()
+        if not isinstance(name, str) or not name.isidentifier():
+            return None, {}
+        if isinstance(value, str):
+            return name, {"reason": value}
+        return (name, dict(value)) if isinstance(value, dict) else (None, {})
+    return None, {}
 
 
 def _features(raw: Sequence) -> tuple[FeatureRequest, ...]:

@@ -13,7 +13,7 @@ import pytest
 
 from audit import baselines as B
 from audit.errors import AuditError
-from audit.spec import BaselineTolerance
+from audit.baselines import BaselineTolerance
 
 HEAT = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.125]], dtype=np.float32)
 
@@ -42,7 +42,7 @@ def test_store_lives_beside_the_spec_one_pair_of_files_per_case(store, tmp_path)
     assert store.folder == tmp_path / "specs" / "baselines" / "basic"
     assert not store.exists()
     written = store.save(make())
-    assert written == [store.folder / "circle-01.json", store.folder / "circle-01.npy"]
+    assert written.paths == [store.folder / "circle-01.json", store.folder / "circle-01.npy"] and written.changed
     assert store.exists()
     assert sorted(p.name for p in store.folder.iterdir()) == ["circle-01.json", "circle-01.npy"]
 

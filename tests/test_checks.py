@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from audit.checks import (CheckResult, FocusExpectation, Metric, PredictionExpectation, Ranked,
+from audit.checks import (CheckResult, FocusExpectation, Metric, PredictionExpectation, Ranked, auc,
                           check_focus, check_prediction, energy_inside, heat_is_empty, iou_at,
                           pointing_game, rank_accuracy)
 from audit.regions import region_mask
@@ -86,8 +86,66 @@ def test_pointing_game_any_tied_maximum_may_hit():
     assert pointing_game(heat, box(2, 0, 3, 4), tolerance_px=2)  # (x=0, y=0) -> (x=2, y=0): 2 px
 
 
+def test_a_uniform_map_misses_the_pointing_game_everywhere():
+    uniform = np.full((4, 5), 0.7)
+    for region in (box(0, 0, 5, 4), box(0, 0, 1, 1), box(2, 1, 4, 3)):
+        assert not pointing_game(uniform, region, tolerance_px=100)
+    almost = uniform.copy()
+    almost[3, 4] = 0.0                                    # 19 of 20 pixels share the maximum: any may hit
+    assert pointing_game(almost, box(0, 0, 1, 1))
+
+
+def test_check_focus_says_a_uniform_map_points_nowhere():
+    result = check_focus(np.ones((4, 5)), FocusExpectation(box(0, 0, 5, 4), pointing_game=True,
+                                                          region_desc="box [0, 0, 5, 4]"))
+    assert not result.passed
+    assert result.message.splitlines()[1] == (
+        "  pointing_game=miss FAIL: the heatmap is uniform (all 20 pixels share the maximum): it points "
+        "nowhere, so it hits no region; tolerance 0.00 px")
+
+
 def test_pointing_game_on_all_zero_heat_is_a_miss():
     assert not pointing_game(np.zeros((4, 5)), box(0, 0, 5, 4), tolerance_px=100)
+
+
+# ----------------------------------------------------------------------------------------- auc
+
+def test_auc_is_the_chance_a_region_pixel_is_hotter_than_an_outside_one():
+    heat = np.array([[0.1, 0.2, 0.3, 0.4]])
+    assert auc(heat, np.array([[False, False, True, True]])) == 1.0
+    assert auc(heat, np.array([[True, True, False, False]])) == 0.0
+    # 0.1 beats none of {0.2, 0.3}, 0.4 beats both: 2 of 4 pairs
+    assert auc(heat, np.array([[True, False, False, True]])) == 0.5
+    # R = {1, 2, 3, 4}, outside: fifteen 0s and the 10: each of R beats 15 of 16 -> 60 / 64
+    assert auc(HEAT, box(1, 1, 3, 3)) == pytest.approx(60 / 64)
+
+
+def test_auc_counts_ties_half_and_a_uniform_map_is_chance():
+    heat = np.array([[1.0, 1.0, 2.0, 0.0]])
+    # the 1 in R: tie with the other 1 (0.5), below the 2 (0), above the 0 (1) -> 1.5 / 3
+    assert auc(heat, np.array([[True, False, False, False]])) == pytest.approx(0.5)
+    assert auc(np.full((4, 5), 0.2), box(1, 1, 3, 3)) == 0.5
+
+
+def test_auc_of_all_zero_heat_is_zero_and_the_focus_check_fails():
+    assert auc(np.zeros((4, 5)), box(1, 1, 3, 3)) == 0.0
+    assert not check_focus(np.zeros((4, 5)), FocusExpectation(box(1, 1, 3, 3), min_auc=0.0)).passed
+
+
+def test_auc_of_a_region_covering_the_whole_image_is_refused_and_fails_the_check():
+    with pytest.raises(ValueError, match="covers every pixel"):
+        auc(HEAT, box(0, 0, 5, 4))
+    result = check_focus(HEAT, FocusExpectation(box(0, 0, 5, 4), min_auc=0.5, region_desc="box [0, 0, 5, 4]"))
+    assert not result.passed
+    assert result.message.splitlines()[1] == (
+        "  auc=0.00 >= 0.50 FAIL: box [0, 0, 5, 4] covers the whole image: AUC needs pixels outside it; "
+        "use a smaller region or another metric")
+
+
+def test_check_focus_reports_auc_after_rank_accuracy():
+    result = check_focus(HEAT, FocusExpectation(box(1, 1, 3, 3), min_rank_accuracy=0.5, min_auc=0.9))
+    assert [m.name for m in result.metrics] == ["rank_accuracy", "auc"]
+    assert result.passed and str(result.metrics[1]) == "auc=0.94 >= 0.90 ok"
 
 
 # ----------------------------------------------------------------------------------------- iou
@@ -116,13 +174,39 @@ def test_rank_accuracy_counts_the_region_size_hottest_pixels():
     assert rank_accuracy(HEAT, box(1, 1, 3, 3)) == pytest.approx(0.75)
 
 
-def test_rank_accuracy_breaks_ties_in_row_major_order():
+def test_rank_accuracy_gives_pixels_tied_at_the_cut_fractional_credit():
     heat = np.array([[1.0, 1.0, 1.0],
                      [1.0, 0.0, 0.0]])
-    # |R| = 2, four pixels tied at 1: the first two in row-major order are (x=0, y=0), (x=1, y=0)
-    assert rank_accuracy(heat, np.array([[True, True, False], [False, False, False]])) == 1.0
-    assert rank_accuracy(heat, np.array([[False, False, True], [True, False, False]])) == 0.0
-    assert rank_accuracy(heat, np.array([[False, True, False], [True, False, False]])) == 0.5
+    # |R| = 2, four pixels tied at 1 share the 2 places: each tied pixel of R counts 2/4
+    assert rank_accuracy(heat, np.array([[True, True, False], [False, False, False]])) == 0.5
+    assert rank_accuracy(heat, np.array([[False, False, True], [True, False, False]])) == 0.5
+    assert rank_accuracy(heat, np.array([[False, True, False], [False, True, False]])) == 0.25  # (0 + 1*2/4)/2
+    heat = np.array([[3.0, 1.0, 1.0],
+                     [1.0, 0.0, 0.0]])
+    # the 3 takes one place (in R); the last place is shared by three 1s, one of them in R: (1 + 1/3) / 2
+    assert rank_accuracy(heat, np.array([[True, True, False], [False, False, False]])) == pytest.approx(2 / 3)
+
+
+def test_rank_accuracy_never_credits_pixels_without_heat():
+    heat = np.zeros((10, 10))
+    heat[9, 9] = 1.0
+    rows_0_to_4 = box(0, 0, 10, 5, size=(10, 10))
+    assert energy_inside(heat, rows_0_to_4) == 0.0
+    assert rank_accuracy(heat, rows_0_to_4) == 0.0          # was 0.98: the zeros filled the top-50
+    heat[0, 0] = heat[0, 1] = 1.0                           # two hot pixels in R, 48 places left for zeros
+    assert rank_accuracy(heat, rows_0_to_4) == pytest.approx(2 / 50)
+
+
+def test_rank_accuracy_with_zero_heat_in_the_region_fails_the_focus_check():
+    heat = np.zeros((10, 10))
+    heat[9, 9] = 1.0
+    result = check_focus(heat, FocusExpectation(box(0, 0, 10, 5, size=(10, 10)), min_rank_accuracy=0.9))
+    assert not result.passed
+    assert str(result.metrics[0]) == "rank_accuracy=0.00 >= 0.90 FAIL"
+
+
+def test_rank_accuracy_of_a_uniform_map_is_the_regions_share_of_the_image():
+    assert rank_accuracy(np.full((4, 5), 0.3), box(1, 1, 3, 3)) == pytest.approx(4 / 20)
 
 
 def test_rank_accuracy_of_all_zero_heat_is_zero():
@@ -180,7 +264,7 @@ def test_energy_of_a_union_is_at_least_that_of_each_part(case):
 @given(heats)
 def test_pointing_game_without_tolerance_is_argmax_in_region_when_unique(case):
     heat, mask, _ = case
-    if (heat == heat.max()).sum() == 1 and heat.max() > 0:
+    if (heat == heat.max()).sum() == 1 and heat.max() > 0 and heat.size > 1:  # 1 px: uniform
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
         assert pointing_game(heat, mask) == bool(mask[y, x])
 
@@ -189,7 +273,8 @@ def test_pointing_game_without_tolerance_is_argmax_in_region_when_unique(case):
 @given(heats, st.sampled_from([0.0, 1.0, 1.5, math.sqrt(2), 2.0, math.sqrt(5), 3.0]))
 def test_pointing_game_matches_brute_force_distances(case, tolerance):
     heat, mask, _ = case
-    peaks = np.argwhere((heat == heat.max()) & (heat.max() > 0))
+    uniform = bool((heat == heat.max()).all())           # points nowhere: never a hit
+    peaks = np.argwhere((heat == heat.max()) & (heat.max() > 0) & (not uniform))
     region = np.argwhere(mask)
     d2 = ((peaks[:, None, :] - region[None, :, :]) ** 2).sum(-1) if len(peaks) else np.array([np.inf])
     assert pointing_game(heat, mask, tolerance) == bool(d2.min() <= tolerance * tolerance)
@@ -204,13 +289,109 @@ def test_iou_lies_in_unit_interval(case, fraction):
 
 @PROPS
 @given(heats)
-def test_rank_accuracy_lies_in_unit_interval_and_matches_stable_argsort(case):
+def test_rank_accuracy_lies_in_unit_interval_and_matches_a_sort_when_the_cut_has_no_tie(case):
     heat, mask, _ = case
     value = rank_accuracy(heat, mask)
     assert 0.0 <= value <= 1.0
-    if heat.max() > 0:
-        top = np.argsort(-heat.ravel(), kind="stable")[:mask.sum()]
-        assert value == pytest.approx(mask.ravel()[top].mean())
+    k = int(mask.sum())
+    order = np.argsort(-heat.ravel(), kind="stable")
+    cut = heat.ravel()[order[k - 1]]
+    if heat.max() > 0 and cut > 0 and (k == heat.size or heat.ravel()[order[k]] < cut):
+        assert value == pytest.approx(mask.ravel()[order[:k]].mean())
+    # zero heat is never credited
+    assert value <= np.count_nonzero(mask & (heat > 0)) / k + 1e-12
+
+
+@PROPS
+@given(heats, st.randoms(use_true_random=False))
+def test_rank_accuracy_does_not_depend_on_where_the_pixels_sit(case, random):
+    heat, mask, _ = case
+    order = list(range(heat.size))
+    random.shuffle(order)
+    shuffled_heat = heat.ravel()[order].reshape(1, -1)
+    shuffled_mask = mask.ravel()[order].reshape(1, -1)
+    assert rank_accuracy(shuffled_heat, shuffled_mask) == pytest.approx(rank_accuracy(heat, mask))
+
+
+@PROPS
+@given(heats)
+def test_auc_equals_the_pairwise_mann_whitney_count(case):
+    heat, mask, _ = case
+    if mask.all():
+        return
+    inside, outside = heat[mask], heat[~mask]
+    pairs = (inside[:, None] > outside[None, :]).sum() + 0.5 * (inside[:, None] == outside[None, :]).sum()
+    expected = pairs / (inside.size * outside.size) if heat.max() > 0 else 0.0
+    assert auc(heat, mask) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------- Quantus
+
+def _quantus(metric: str, heats: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Quantus 0.6.0's score per (heat, mask) pair, as an independent oracle (batch of (1, h, w))."""
+    import warnings
+
+    import quantus
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scorer = getattr(quantus, metric)(disable_warnings=True, display_progressbar=False)
+        n = len(heats)
+        return np.asarray(scorer(model=None, x_batch=np.zeros((n, 3, *heats.shape[1:]), np.float32),
+                                 y_batch=np.zeros(n, int), a_batch=heats[:, None].astype(np.float32),
+                                 s_batch=masks[:, None].astype(np.float32), channel_first=True), float)
+
+
+def _oracle_pairs(seed: int = 0, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Signed maps (a CAM before ReLU) without ties, and boxes of every size and place."""
+    rng = np.random.default_rng(seed)
+    heats = rng.normal(size=(n, 12, 16)).astype(np.float32)
+    heats[::3] = np.maximum(heats[::3], 0)  # some already ReLU'd, with many zeros (tied below the cut)
+    masks = np.zeros((n, 12, 16), bool)
+    for i in range(n):
+        y0, x0 = rng.integers(0, 10), rng.integers(0, 14)
+        masks[i, y0:rng.integers(y0 + 1, 13), x0:rng.integers(x0 + 1, 17)] = True
+    return heats, masks
+
+
+def test_energy_and_pointing_game_agree_with_quantus_on_relu_maps():
+    heats, masks = _oracle_pairs()
+    relu = np.maximum(heats, 0)
+    mass = _quantus("RelevanceMassAccuracy", relu, masks)
+    pointing = _quantus("PointingGame", relu, masks)
+    assert [energy_inside(h, m) for h, m in zip(relu, masks)] == pytest.approx(list(mass), abs=1e-6)
+    assert [pointing_game(h, m) for h, m in zip(relu, masks)] == [bool(p) for p in pointing]
+
+
+def test_rank_accuracy_and_auc_agree_with_quantus_where_no_tie_sits_at_the_cut():
+    heats, masks = _oracle_pairs(seed=1)
+    relu = np.maximum(heats, 0)
+    ours = [rank_accuracy(h, m) for h, m in zip(relu, masks)]
+    theirs = _quantus("RelevanceRankAccuracy", relu, masks)
+    compared = 0
+    for h, m, a, b in zip(relu, masks, ours, theirs):
+        k = int(m.sum())
+        if np.sort(h.ravel())[::-1][k - 1] > 0:  # the cut has heat: no tie among the |R| hottest
+            assert a == pytest.approx(b)
+            compared += 1
+    assert compared >= 10
+    # AUC: ties are counted half by both (sklearn's roc_curve groups equal scores), zeros included
+    assert [auc(h, m) for h, m in zip(relu, masks)] == pytest.approx(list(_quantus("AUC", relu, masks)))
+
+
+def test_quantus_credits_the_zeros_and_uniform_maps_that_we_refuse():
+    """The two cases where the metrics differ from Quantus on purpose (issue 17 item 5)."""
+    heat = np.zeros((1, 10, 10), np.float32)
+    heat[0, 9, 9] = 1.0
+    rows_0_to_4 = np.zeros((1, 10, 10), bool)
+    rows_0_to_4[0, :5] = True
+    assert _quantus("RelevanceRankAccuracy", heat, rows_0_to_4)[0] > 0.9   # zeros ranked by position
+    assert rank_accuracy(heat[0], rows_0_to_4[0]) == 0.0
+    uniform = np.full((1, 10, 10), 0.5, np.float32)
+    # Quantus refuses a batch whose maps are all uniform; next to another map it scores the uniform one
+    batch = np.concatenate([uniform, heat])
+    assert _quantus("PointingGame", batch, np.concatenate([rows_0_to_4] * 2))[0] == 1.0  # any shared max hits
+    assert not pointing_game(uniform[0], rows_0_to_4[0])
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -195,6 +195,52 @@ def test_data_parallel_module_prefix_is_stripped(tmp_path, squeeze_state):
     assert load("squeezenet1_1", checkpoint=path).fingerprint == fingerprint(_module_with(squeeze_state))
 
 
+def test_regnet_checkpoint_loads_though_its_builder_cannot_run_on_the_meta_device(tmp_path):
+    torch.manual_seed(3)
+    source = torchvision.models.regnet_y_400mf(num_classes=12)
+    path = tmp_path / "regnet.pt"
+    torch.save(source.state_dict(), path)
+    with torch.device("meta"), pytest.raises(NotImplementedError):  # why the meta skeleton is not enough
+        torchvision.models.regnet_y_400mf()
+    loaded = load("regnet_y_400mf", checkpoint=path)
+    assert loaded.fingerprint == fingerprint(source) and len(loaded.categories) == 12
+
+
+@pytest.mark.parametrize("save", ["as saved", "as a plain dict", "from DataParallel"])
+def test_mnasnet_checkpoint_keeps_or_regains_its_module_versions(tmp_path, save):
+    torch.manual_seed(4)
+    source = torchvision.models.mnasnet0_5(num_classes=6)
+    state = source.state_dict()
+    if save == "as a plain dict":          # a copy drops _metadata, where MNASNet keeps its version
+        state = dict(state)
+    elif save == "from DataParallel":
+        state = torch.nn.DataParallel(source).state_dict()
+        assert state._metadata["module"]["version"] == 2
+    path = tmp_path / "mnasnet.pt"
+    torch.save({"state_dict": state}, path)
+    loaded = load("mnasnet0_5", checkpoint=path)
+    assert loaded.fingerprint == fingerprint(source) and len(loaded.categories) == 6
+
+
+def test_mnasnet_checkpoint_of_an_unknown_version_is_one_message(tmp_path):
+    state = torchvision.models.mnasnet0_5().state_dict()
+    state._metadata[""]["version"] = 7
+    path = tmp_path / "mnasnet.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match=r"^checkpoint .*mnasnet.pt does not fit mnasnet0_5: "):
+        load("mnasnet0_5", checkpoint=path)
+
+
+def test_truncated_checkpoint_message_is_one_short_line(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(ModelError) as info:
+        load("squeezenet1_1", checkpoint=path)
+    assert str(info.value) == (f"checkpoint {path}: corrupt or not a PyTorch file (PytorchStreamReader failed "
+                               "reading zip archive: failed finding central directory.)")
+
+
 def test_googlenet_checkpoint_saved_without_aux_heads_loads(tmp_path):
     path = tmp_path / "googlenet.pt"
     torch.save(torchvision.models.googlenet(num_classes=7, aux_logits=False, init_weights=False).state_dict(),
@@ -259,7 +305,7 @@ def test_torchscript_checkpoint_loads_without_a_known_architecture(tmp_path):
     module = _tiny()
     torch.jit.trace(module, torch.zeros(1, 3, 8, 8)).save(str(path))
     loaded = load("my_net", checkpoint=path)
-    assert isinstance(loaded.module, torch.jit.ScriptModule)
+    assert isinstance(loaded.module.script, torch.jit.ScriptModule)  # behind its hookable mirror
     assert loaded.fingerprint == fingerprint(module)
     assert loaded.source == f"checkpoint {path} (TorchScript)"
     assert loaded.categories.names == [f"class {i}" for i in range(5)]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from audit import report as R
+from audit.kinds import Picture
 from audit.errors import AuditError
 
 XSS = "<script>alert(1)</script>"
@@ -105,7 +106,7 @@ def make_case(asset_dir: Path | None, case_id: str, outcome: str, label: str = "
         assets = R.render_case_assets(asset_dir, case_id, scene(), heat, [box_outline(10, 10, 32, 32)],
                                       [box_outline(40, 40, 60, 60)], None,
                                       {"features.4": np.random.default_rng(1).random((12, 16, 16), np.float32)},
-                                      {"features.4": None}, baseline_heat=heat.T)
+                                      {"features.4": None}, extra={("baseline", "heatmap"): Picture(heat=heat.T)})
         R.flush_assets()  # pictures are written on a background thread
     return {"nodeid": f"specs/shapes/basic.yaml::{case_id}", "spec": "specs/shapes/basic.yaml", "line": 12,
             "case_id": case_id, "model": "shapes", "image": "specs/shapes/img/c.png", "image_size": [64, 64],
@@ -124,9 +125,9 @@ def make_case(asset_dir: Path | None, case_id: str, outcome: str, label: str = "
                         "duration_s": 0.02}],
             "regions": {"region": "box [10, 10, 32, 32]", "avoid": "box [40, 40, 60, 60]"},
             "seen_box": None, "crops": False, "assets": assets,
-            "baseline": {"heatmap_correlation": 0.93, "hot_iou": 0.61, "top1_then": "circle", "top1_now": label,
+            "kinds": {"baseline": {"heatmap_correlation": 0.93, "hot_iou": 0.61, "top1_then": "circle", "top1_now": label,
                          "prob_drift": -0.02, "topk_overlap": 1.0,
-                         "recorded_with": {"torch": "2.2.0", "fingerprint": "0123456789ab"}},
+                         "recorded_with": {"torch": "2.2.0", "fingerprint": "0123456789ab"}}},
             "error": "ImageError: specs/shapes/img/c.png: truncated file" if outcome == "error" else None,
             "features": [{"layer": "features.4", "shape": [12, 16, 16], "shown": 12}] if assets else []}
 
@@ -343,14 +344,16 @@ def test_render_case_assets_writes_decodable_files_sized_for_the_screen(report_d
     maps = np.random.default_rng(2).random((512, 7, 7), np.float32)
     a = R.render_case_assets(asset_dir, "dog/01 <b>", photo, heat, [box_outline(100, 100, 900, 900)], [],
                              (250, 0, 1750, 1500), {"features.30": maps}, {"features.30": 72},
-                             baseline_heat=heat, thumb_size=200)
+                             extra={("baseline", "heatmap"): Picture(heat=heat)}, thumb_size=200)
     R.flush_assets()  # pictures are written on a background thread
-    for key in ["image", "heatmap", "overlay", "baseline_heatmap"]:
-        assert a[key].startswith(f"assets/{run_id}/")
-        with Image.open(out / a[key]) as full:
+    pictures = {key: (a[key], a[f"{key}_thumb"]) for key in ["image", "heatmap", "overlay"]}
+    pictures["baseline"] = (a["kinds"]["baseline"]["heatmap"], a["kinds"]["baseline"]["heatmap_thumb"])
+    for full_rel, thumb_rel in pictures.values():
+        assert full_rel.startswith(f"assets/{run_id}/")
+        with Image.open(out / full_rel) as full:
             assert full.size == (1024, 768)
             assert full.format == "JPEG"
-        with Image.open(out / a[f"{key}_thumb"]) as thumb:
+        with Image.open(out / thumb_rel) as thumb:
             assert thumb.size == (200, 150)
     with Image.open(out / a["grids"]["features.30"]) as grid:
         grid.load()
@@ -375,7 +378,7 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
         shown = R._Assets(out, self_contained=False).picture(a[key], a[f"{key}_thumb"])
         assert (shown["width"], shown["height"], shown["pixelated"]) == (256, 256, True)
     assert a["grids"] == {}
-    assert "baseline_heatmap" not in a
+    assert a["kinds"] == {}
 
 
 @pytest.mark.parametrize("side", [64, 300, 1500])   # enlarged, kept, shrunk for the screen
@@ -384,7 +387,7 @@ def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
     grey = Image.new("RGB", (side, side), (128, 128, 128))
     box = box_outline(side // 4, side // 4, side // 2, side // 2)
     a = R.render_case_assets(asset_dir, f"grey{side}", grey, np.zeros((7, 7), np.float32), [box], [box],
-                             None, {}, {}, baseline_heat=np.zeros((7, 7), np.float32))
+                             None, {}, {}, extra={("baseline", "heatmap"): Picture(heat=np.zeros((7, 7), np.float32))})
     R.flush_assets()
 
     def spread(key: str) -> int:   # the largest difference between two pixels, over the three channels
@@ -393,7 +396,8 @@ def test_render_case_assets_draws_regions_on_the_image_only(report_dir, side):
         return int((px.max(axis=(0, 1)) - px.min(axis=(0, 1))).max())
 
     assert spread("image") > 100                 # green and red outlines on grey
-    for key in ["heatmap", "overlay", "baseline_heatmap"]:
+    a["baseline"] = a["kinds"]["baseline"]["heatmap"]
+    for key in ["heatmap", "overlay", "baseline"]:
         assert spread(key) <= 2, key             # one flat colour (JPEG may round by a level)
 
 
@@ -401,7 +405,7 @@ def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
     out, _, asset_dir = report_dir
     a = R.render_case_assets(asset_dir, "c1", scene(), None, None, None, None, None, None)
     R.flush_assets()  # pictures are written on a background thread
-    assert set(a) == {"image", "image_thumb", "grids", "sizes"}
+    assert set(a) == {"image", "image_thumb", "grids", "sizes", "kinds"} and a["kinds"] == {}
 
 
 def test_a_picture_opencv_cannot_write_fails_with_the_reason_and_path(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from audit import report as R
+from audit.kinds import Picture
 
 pytestmark = pytest.mark.browser
 
@@ -42,7 +43,8 @@ def fake_case(asset_dir: Path, case_id: str, outcome: str) -> dict:
     assets = {} if outcome == "error" else R.render_case_assets(
         asset_dir, case_id, Image.fromarray(arr, "RGB"), heat,
         [[(10, 14), (30, 14), (30, 34), (10, 34)]], [[(40, 40), (60, 40), (60, 60), (40, 60)]],
-        (4, 0, 60, 64), {"features.4": maps}, {"features.4": None}, baseline_heat=heat.T)
+        (4, 0, 60, 64), {"features.4": maps}, {"features.4": None},
+        extra={("baseline", "heatmap"): Picture(heat=heat.T)})
     return {"nodeid": f"specs/shapes/basic.yaml::{case_id}", "spec": "specs/shapes/basic.yaml", "line": 7,
             "case_id": case_id, "model": "shapes", "image": "img/circle.png", "image_size": [64, 64],
             "outcome": outcome,
@@ -57,9 +59,9 @@ def fake_case(asset_dir: Path, case_id: str, outcome: str) -> dict:
                  "duration_s": 0.01}],
             "regions": {"region": "box [10, 14, 31, 35]", "avoid": "box [40, 40, 61, 61]"},
             "seen_box": [4, 0, 60, 64], "crops": False, "assets": assets,
-            "baseline": None if outcome == "error" else {
+            "kinds": {} if outcome == "error" else {"baseline": {
                 "heatmap_correlation": 0.97, "hot_iou": 0.8, "top1_then": "circle", "top1_now": "circle",
-                "prob_drift": 0.01, "topk_overlap": 1.0, "recorded_with": {"torch": "2.3.0"}},
+                "prob_drift": 0.01, "topk_overlap": 1.0, "recorded_with": {"torch": "2.3.0"}}},
             "error": "ImageError: img/broken.png: truncated file" if outcome == "error" else None,
             "features": [] if outcome == "error" else [{"layer": "features.4", "shape": [64, 16, 16], "shown": 64}]}
 

@@ -18,13 +18,33 @@ def thawed():
     (gc.enable if enabled else gc.disable)()
 
 
-def test_collection_is_paused_during_a_load_and_the_survivors_are_frozen(thawed):
+def test_collection_is_paused_during_a_load_and_nothing_is_frozen(thawed):
     gc.enable()
+    before = gc.get_freeze_count()
     with _long_lived_allocations():
         assert not gc.isenabled()
         survivors = [[i] for i in range(5000)]
-    assert gc.isenabled()
-    assert gc.get_freeze_count() >= len(survivors)
+    assert gc.isenabled() and survivors
+    assert gc.get_freeze_count() == before
+
+
+def test_an_in_process_run_leaves_the_users_garbage_collector_as_it_was(tmp_path):
+    """model-audit used to gc.freeze() after a model load and never undo it (issue 12)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        "import gc, pytest\n"
+        "frozen = gc.get_freeze_count(); enabled = gc.isenabled(); threshold = gc.get_threshold()\n"
+        f"code = pytest.main([{str(repo / 'specs' / 'shapes')!r}, '-q', '-p', 'no:cacheprovider'])\n"
+        "assert code == 0, code\n"
+        "assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen)\n"
+        "assert gc.isenabled() == enabled and gc.get_threshold() == threshold\n"
+        "print('GC-UNCHANGED')\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "GC-UNCHANGED" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def test_a_load_that_fails_still_restores_the_collector(thawed):

@@ -14,7 +14,11 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from audit.errors import SpecError
-from audit.spec import (SCHEMA_PATH, BaselineTolerance, CaseSpec, Expect, FeatureRequest, Focus, Location,
+from audit.baselines import BaselineTolerance
+from audit.kinds.focus import Focus
+from audit.kinds.prediction import Expect
+from audit.regions import Box, MaskFile, Polygon, RelBox, Union
+from audit.spec import (SCHEMA_PATH, CaseSpec, FeatureRequest, Location,
                         ModelSpec, Spec, is_spec_file, load_spec)
 
 MODEL = "model:\n  arch: shapes_vgg\n"
@@ -125,24 +129,24 @@ def test_full_spec_round_trips_into_typed_dataclasses(tmp_path):
     assert first.error is None and second.error is None
     assert first.id == "circle-01" and first.image == tmp_path / "images" / "circle-01.png"
     assert first.top_k == 5
-    assert first.expect == Expect(top1="circle", in_top_k=("circle", "ring"), any_in_top_k=("ring", 3),
+    assert first.checks["prediction"] == Expect(top1="circle", in_top_k=("circle", "ring"), any_in_top_k=("ring", 3),
                                   not_in_top_k=("star",), min_prob=0.5)
-    assert first.focus == Focus(target="circle", region=({"box": (12, 20, 40, 48)},), min_energy=0.4,
+    assert first.checks["focus"] == Focus(target="circle", region=Box(12, 20, 40, 48), min_energy=0.4,
                                 pointing_game=True, tolerance_px=2.0, min_iou=0.2, iou_threshold=0.6,
-                                min_rank_accuracy=0.3, avoid=({"box_rel": (0, 0, 0.15, 0.15)},),
+                                min_rank_accuracy=0.3, avoid=RelBox(0, 0, 0.15, 0.15),
                                 max_energy_in_avoid=0.1)
     assert first.features == (FeatureRequest("features.4"), FeatureRequest("features.21", 72))
     assert first.marks == ("slow", "fast")
-    assert first.baseline == BaselineTolerance(top1_must_match=False, min_topk_overlap=0.8, max_prob_drift=0.1,
+    assert first.checks["baseline"] == BaselineTolerance(top1_must_match=False, min_topk_overlap=0.8, max_prob_drift=0.1,
                                                min_heatmap_correlation=0.9, min_hot_iou=0.5)
-    assert second.top_k == 3 and second.expect is None and second.focus is None and second.features == ()
+    assert second.top_k == 3 and second.checks["prediction"] is None and second.checks["focus"] is None and second.features == ()
 
 
 def test_spec_without_optional_keys_gets_documented_defaults(tmp_path):
     case = one_case(tmp_path, "")
     spec = load_spec(tmp_path / "spec.yaml")
     assert spec.model.weights is None and spec.model.preprocess == "squash" and spec.model.seed is None
-    assert case.top_k == 5 and case.marks == () and case.baseline == BaselineTolerance()
+    assert case.top_k == 5 and case.marks == () and case.checks["baseline"] is None
     assert BaselineTolerance() == BaselineTolerance(True, 0.6, 0.15, 0.7, 0.4)
 
 
@@ -212,17 +216,17 @@ def test_case_keys_override_defaults_and_mappings_merge_key_by_key(tmp_path):
         baseline: {min_hot_iou: 0.9}
         """, head)
     assert case.top_k == 2
-    assert case.expect == Expect(top1="ring", min_prob=0.3)
-    assert case.focus.region == ({"box": (0, 0, 5, 5)},) and case.focus.min_energy == 0.7
-    assert case.focus.min_iou == 0.1
-    assert case.baseline.max_prob_drift == 0.05 and case.baseline.min_hot_iou == 0.9
+    assert case.checks["prediction"] == Expect(top1="ring", min_prob=0.3)
+    assert case.checks["focus"].region == Box(0, 0, 5, 5) and case.checks["focus"].min_energy == 0.7
+    assert case.checks["focus"].min_iou == 0.1
+    assert case.checks["baseline"].max_prob_drift == 0.05 and case.checks["baseline"].min_hot_iou == 0.9
     assert case.features == (FeatureRequest("features.4"),)
 
 
 def test_a_case_region_replaces_the_default_region_rather_than_merging_into_it(tmp_path):
     head = MODEL + "defaults:\n  focus: {region: {box: [0, 0, 5, 5]}}\n"
     case = one_case(tmp_path, "focus: {region: {polygon: [[0, 0], [4, 0], [4, 4]]}}\n", head)
-    assert case.error is None and case.focus.region == ({"polygon": ((0, 0), (4, 0), (4, 4))},)
+    assert case.error is None and case.checks["focus"].region == Polygon(((0, 0), (4, 0), (4, 4)))
 
 
 def test_spec_level_marks_are_added_to_case_marks(tmp_path):
@@ -234,7 +238,7 @@ def test_baseline_precedence_is_case_then_defaults_then_spec_level(tmp_path):
     head = MODEL + ("baseline: {max_prob_drift: 0.3, min_hot_iou: 0.3, min_topk_overlap: 0.3}\n"
                     "defaults:\n  baseline: {max_prob_drift: 0.2, min_hot_iou: 0.2}\n")
     case = one_case(tmp_path, "baseline: {max_prob_drift: 0.1}\n", head)
-    assert (case.baseline.max_prob_drift, case.baseline.min_hot_iou, case.baseline.min_topk_overlap) == \
+    assert (case.checks["baseline"].max_prob_drift, case.checks["baseline"].min_hot_iou, case.checks["baseline"].min_topk_overlap) == \
         (0.1, 0.2, 0.3)
 
 
@@ -253,25 +257,25 @@ def test_yaml_merge_keys_work_and_explicit_keys_win(tmp_path):
 
 
 def test_region_without_metric_gets_the_default_energy_floor(tmp_path):
-    focus = one_case(tmp_path, "focus: {region: {box: [0, 0, 5, 5]}}\n").focus
+    focus = one_case(tmp_path, "focus: {region: {box: [0, 0, 5, 5]}}\n").checks["focus"]
     assert focus.min_energy == 0.5 and focus.pointing_game is False and focus.min_iou is None
 
 
 def test_region_with_another_metric_gets_no_energy_floor(tmp_path):
-    focus = one_case(tmp_path, "focus: {region: {box: [0, 0, 5, 5]}, pointing_game: true}\n").focus
+    focus = one_case(tmp_path, "focus: {region: {box: [0, 0, 5, 5]}, pointing_game: true}\n").checks["focus"]
     assert focus.min_energy is None and focus.pointing_game is True
 
 
 def test_avoid_without_ceiling_gets_the_default_ceiling_and_needs_no_region(tmp_path):
     case = one_case(tmp_path, "focus: {avoid: {box_rel: [0, 0, 0.2, 0.2]}}\n")
     assert case.error is None
-    assert case.focus.region is None and case.focus.min_energy is None
-    assert case.focus.max_energy_in_avoid == 0.2
+    assert case.checks["focus"].region is None and case.checks["focus"].min_energy is None
+    assert case.checks["focus"].max_energy_in_avoid == 0.2
 
 
 def test_region_list_is_kept_as_a_tuple_of_shapes(tmp_path):
-    focus = one_case(tmp_path, "focus:\n  region: [{box: [0, 0, 5, 5]}, {mask: img.png}]\n").focus
-    assert focus.region == ({"box": (0, 0, 5, 5)}, {"mask": "img.png"})
+    focus = one_case(tmp_path, "focus:\n  region: [{box: [0, 0, 5, 5]}, {mask: img.png}]\n").checks["focus"]
+    assert focus.region == Union((Box(0, 0, 5, 5), MaskFile("img.png")))
 
 
 def test_focus_metric_without_region_is_a_case_error(tmp_path):
@@ -292,8 +296,8 @@ def test_focus_metrics_in_defaults_apply_only_to_cases_with_a_region(tmp_path):
         - {id: boxed, image: img.png, focus: {region: {box: [0, 0, 5, 5]}}}
         """, head)
     plain, boxed = load_spec(path).cases
-    assert plain.error is None and plain.focus is None
-    assert boxed.focus.min_iou == 0.3 and boxed.focus.min_energy is None
+    assert plain.error is None and plain.checks["focus"] is None
+    assert boxed.checks["focus"].min_iou == 0.3 and boxed.checks["focus"].min_energy is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,7 +669,7 @@ def test_one_bad_case_leaves_the_other_cases_intact(tmp_path):
     assert [c.id for c in spec.cases] == ["good-1", "bad", "good-2"]
     assert [c.error is None for c in spec.cases] == [True, False, True]
     assert spec.case_errors == (spec.cases[1].error,)
-    assert spec.cases[0].expect.top1 == "circle" and spec.cases[2].focus.min_energy == 0.5
+    assert spec.cases[0].checks["prediction"].top1 == "circle" and spec.cases[2].checks["focus"].min_energy == 0.5
 
 
 def test_errored_case_keeps_its_marks_for_selection(tmp_path):
@@ -827,3 +831,12 @@ def test_spec_shaped_yaml_gives_a_spec_or_a_spec_error(tmp_path, data):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     _load_or_spec_error(path)
+
+
+def test_min_auc_is_a_focus_metric_of_its_own(tmp_path):
+    focus = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 0.8\n").focus
+    assert focus.min_auc == 0.8 and focus.min_energy is None  # no default energy floor added
+    case = one_case(tmp_path, "focus:\n  min_auc: 0.8\n")
+    assert case.error is not None and "needs a region" in case.error.message
+    case = one_case(tmp_path, "focus:\n  region: {box: [0, 0, 5, 5]}\n  min_auc: 1.5\n")
+    assert case.error is not None and case.error.key_path == "cases[0].focus.min_auc"

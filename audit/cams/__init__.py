@@ -88,4 +88,8 @@ def normalise(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 from audit.cams import gradient as _gradient  # noqa: E402  (registers the built-in methods in order)
 from audit.cams import score as _score  # noqa: E402,F401
 
-__all__ = ["CamContext", "CamMethod", "DEFAULT", "get", "names", "normalise", "register"]
+#: the built-in methods by name; a session's ``audit.registry.Registry`` starts from these, and a user's
+#: method registered there (``pytest_audit_register``) reaches the engine as an object, never through here
+METHODS = dict(_METHODS)
+
+__all__ = ["CamContext", "CamMethod", "DEFAULT", "METHODS", "get", "names", "normalise", "register"]
