@@ -45,6 +45,9 @@ _HEADS = ("classifier", "head", "heads", "fc")
 # (``is_grads_batched``). Measured on 2 CPU threads (benchmarks/bench_engine.py, --targets): the
 # loop was as fast or faster for VGG16, ResNet-50 and ViT-B/16, so it is the default.
 BATCHED_GRADS = False
+# a map whose largest value is under this share of its largest sum of |terms| is float32 rounding noise
+# (sums of ~1000 float32 terms err by ~1e-6 of their magnitude; a real map is orders above)
+NOISE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -450,7 +453,15 @@ class Engine:
         context = cam_methods.CamContext(inputs=batch, image_of_row=rows, class_of_row=[c for _, c in pairs],
                                          score=self._score, chunk=32)
         with torch.no_grad():
-            raw = method.compute(mapped, gradient, context)
+            terms = getattr(method, "terms", None)
+            if terms is not None:
+                parts = terms(mapped, gradient, context)
+                raw = parts.sum(dim=1)
+                # terms that cancel to rounding noise are a zero map (see audit/cams/gradient.py)
+                noise = raw.abs().amax(dim=(1, 2)) <= NOISE * parts.abs().sum(dim=1).amax(dim=(1, 2))
+                raw = torch.where(noise[:, None, None], torch.zeros_like(raw), raw)
+            else:
+                raw = method.compute(mapped, gradient, context)
             cam, empty = cam_methods.normalise(raw.float())
         cam_np, empty_np = cam.cpu().numpy(), empty.cpu().numpy()
         return {pair: (cam_np[p].astype(np.float32), bool(empty_np[p])) for p, pair in enumerate(pairs)}

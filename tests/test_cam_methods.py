@@ -162,3 +162,15 @@ def test_scorecam_equals_pytorch_grad_cam(setup):
     theirs = pgc_lowres("scorecam", engine.module, layer, x[:1], e.target, reshape)
     assert ours.max() > 0
     np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=f"{name} scorecam")
+
+
+def test_a_channel_sum_that_cancels_to_rounding_noise_is_a_zero_map_not_the_noise():
+    """Swin's features.7 feeds a per-position LayerNorm (scale invariant), so sum_c g_c A_c is exactly 0
+    there: HiResCAM's float32 result is rounding noise, which must read as an empty map, not as heat."""
+    torch.manual_seed(0)
+    engine = engine_for(torchvision.models.swin_t(num_classes=10), 64)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (noisy,) = engine.explain([image], cam_layer="features.7", cam_method="hirescam")
+    assert noisy.cam_empty[noisy.target] and noisy.cams_lowres[noisy.target].max() == 0
+    (fine,) = engine.explain([image], cam_layer="norm", cam_method="hirescam")
+    assert not fine.cam_empty[fine.target]

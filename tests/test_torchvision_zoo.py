@@ -44,7 +44,7 @@ DOCUMENTED = [
     (r"vit_h_14", "encoder.layers.encoder_layer_31.ln_1", 16, "tokens"),
 ]
 # more than ~60M parameters or several seconds to build and run here: slow (they still run in CI)
-SLOW = re.compile(r"alexnet|vgg.*|convnext_(base|large)|efficientnet_v2_l|regnet_(x_32gf|y_(16|32|128)gf)|"
+SLOW = re.compile(r"alexnet|vgg.*|convnext_(base|large|small)|efficientnet_(b[1-7]|v2_[sm])|densenet1[62].*|densenet201|inception_v3|googlenet|maxvit_t|efficientnet_v2_l|regnet_(x_32gf|y_(16|32|128)gf)|"
                   r"resnet152|resnext101.*|wide_resnet.*|swin_[bs]|swin_v2_[bs]|vit_[lh].*|vit_b_32")
 
 ALL = torchvision.models.list_models(module=torchvision.models)
