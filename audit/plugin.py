@@ -509,6 +509,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     collector.add_stats({"stats": audit.stats, "models": audit.model_info})
     collector.finish(config, session)
+    if collector.report_error and session.exitstatus == pytest.ExitCode.OK:
+        # the report that was asked for is not there and the old results.json still is: a CI step that
+        # reads it would see the previous run's verdict, so this run must not look like a pass
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

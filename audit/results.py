@@ -255,7 +255,7 @@ class ResultCollector:
             lines.append(f"model-audit report: {self.report_path}")
         if self.report_error:
             lines.append(f"model-audit: the report could not be written ({self.report_error}); "
-                         f"the previous report was left in place")
+                         f"the previous report was left in place and this run exits non-zero")
         return lines
 
 

@@ -203,6 +203,30 @@ def test_xdist_gives_the_same_outcomes_as_serial(pytester, scenes):
     assert serial.parseoutcomes() == parallel.parseoutcomes() == {"passed": 13, "failed": 1}
 
 
+def test_xdist_results_equal_serial_results_under_the_documented_tolerance(pytester, scenes):
+    """Serial batches of 16 and ``-n 2`` (each image alone) sum floats in another order: the results.json
+    and pictures of the two runs are equal under ``audit.rundiff``'s tolerance, and not byte for byte."""
+    from audit import rundiff
+
+    write_spec(pytester, "x.yaml", [case(n, m, features=["features.1"]) for n, m in scenes[:12]])
+    serial = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--audit-report", "serial",
+                                           "--audit-batch-size", "16")
+    parallel = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--audit-report", "parallel")
+    assert serial.parseoutcomes() == parallel.parseoutcomes() == {"passed": 24}
+    parallel.stdout.fnmatch_lines(["*12 images in 12 forward passes*"])   # batches of one image
+    docs = [json.loads((pytester.path / run / "results.json").read_text()) for run in ("serial", "parallel")]
+    assert rundiff.differences(*docs) == []
+    assert rundiff.picture_differences(pytester.path / "serial", docs[0], pytester.path / "parallel", docs[1]) == []
+    # the comparison is not vacuous: every case and its pictures were compared, and a real change is seen
+    assert len(docs[1]["cases"]) == 12
+    changed = json.loads(json.dumps(docs[1]))
+    changed["cases"][0]["top_k"][0]["prob"] -= 1e-3
+    assert len(rundiff.differences(docs[0], changed)) == 1
+    del changed["cases"][0]["assets"]["heatmap"]
+    assert len(rundiff.picture_differences(pytester.path / "serial", docs[0], pytester.path / "parallel",
+                                           changed)) == 1
+
+
 def test_report_folder_that_cannot_be_written_fails_before_any_model_runs(pytester, scenes):
     write_spec(pytester, "r.yaml", [case(*scenes[0])])
     (pytester.path / "afile").write_text("a file, not a folder")

@@ -157,7 +157,8 @@ def test_a_full_disk_gives_one_line_keeps_the_old_report_and_removes_the_orphans
     assert_no_traceback(result)
     lines = [line for line in result.outlines if "report could not be written" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0], result.stdout.str()[-2000:]
-    assert "previous report was left in place" in lines[0]
+    assert "previous report was left in place and this run exits non-zero" in lines[0]
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR   # every test passed, but the gate's file is stale
     assert (out / "index.html").read_bytes() == page and (out / "results.json").read_bytes() == results
     assert runs_in(out) == [old_run]   # the new run's pictures are gone, the old page's are whole
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
