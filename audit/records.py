@@ -12,7 +12,7 @@ observation and the record.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 #: version of the record format; results.json carries it per case
@@ -48,10 +48,12 @@ class CaseRecord:
     schema_version: int = RECORD_SCHEMA
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
+        return json.dumps(self.as_dict(), allow_nan=True)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict sharing their (plain JSON) values: ``dataclasses.asdict`` deep-copies
+        every nested list and dict, which cost ~0.3 ms of a golden-set case's ~1.5 ms."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CaseRecord":
@@ -59,8 +61,10 @@ class CaseRecord:
         if version != RECORD_SCHEMA:
             raise ValueError(f"case record of schema {version}; this model-audit reads schema {RECORD_SCHEMA} "
                              "(were the workers started from another version?)")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_NAMES})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(CaseRecord))
 
 
 def default_channels(channels: int) -> int:

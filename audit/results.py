@@ -46,6 +46,7 @@ class ResultCollector:
         self.report_error: str | None = None
         self.asset_error: str | None = None   # a picture could not be written (here or on a worker)
         self._case_json: dict[str, str] = {}
+        self._planned_json: dict[str, str] = {}   # the first record of each case, before it runs
 
     # -- session start (controller) ----------------------------------------------------------------
     def start(self) -> None:
@@ -76,9 +77,12 @@ class ResultCollector:
         from audit.session import model_label
 
         ref, case = item.ref, item.ref.case
-        record = records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
-                                      model_label(ref.model), str(case.image), None, case.location.record)
-        item.user_properties.append((CASE_PROP, record.to_json()))
+        planned = self._planned_json.get(ref.nodeid)
+        if planned is None:   # one string per case, shared by its checks' items
+            planned = self._planned_json[ref.nodeid] = records.error_record(
+                ref.nodeid, str(ref.spec.path), case.location.line, case.id, model_label(ref.model),
+                str(case.image), None, case.location.record).to_json()
+        item.user_properties.append((CASE_PROP, planned))
 
     def note_check(self, item: Any, result: Any) -> None:
         item.user_properties.append((CHECK_PROP, json.dumps(result.to_dict())))
