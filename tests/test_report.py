@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from audit import report as R
+from audit.report import page as report_page
 from audit.kinds import Picture
 from audit.errors import AuditError
 
@@ -454,7 +455,7 @@ def test_render_case_assets_without_heatmap_writes_only_the_image(report_dir):
 
 
 def test_a_picture_opencv_cannot_write_fails_with_the_reason_and_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(R.cv2, "imwrite", lambda *a, **k: False)   # OpenCV says no more than this
+    monkeypatch.setattr(cv2, "imwrite", lambda *a, **k: False)     # OpenCV says no more than this
     R._write_picture(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "ok.jpg"))
     with Image.open(tmp_path / "ok.jpg") as im:                     # written by Python instead
         assert im.format == "JPEG" and im.size == (4, 4)
@@ -489,8 +490,8 @@ def test_the_page_is_compiled_once_and_then_read_from_jinja2s_cache(tmp_path, mo
 
     monkeypatch.setattr(jinja2.Environment, "compile", counting_compile)
     for _ in range(2):
-        monkeypatch.setattr(R, "_ENV", None)
-        monkeypatch.setattr(R, "_template_cache", lambda: cache)
+        monkeypatch.setattr(report_page, "_ENV", None)
+        monkeypatch.setattr(report_page, "_template_cache", lambda: cache)
         R._env().get_template("report.html")
     assert compiled.count("report.html") == 1        # the second environment loaded it from the cache
     assert list(tmp_path.iterdir())
@@ -505,13 +506,13 @@ def test_a_cache_that_cannot_be_written_or_read_is_skipped(tmp_path, monkeypatch
     cache = R._template_cache()
     cache.directory = str(tmp_path)
     monkeypatch.setattr(jinja2.bccache.tempfile, "NamedTemporaryFile", no_space)
-    monkeypatch.setattr(R, "_template_cache", lambda: cache)
-    monkeypatch.setattr(R, "_ENV", None)
+    monkeypatch.setattr(report_page, "_template_cache", lambda: cache)
+    monkeypatch.setattr(report_page, "_ENV", None)
     assert R._env().get_template("report.html").render   # compiled, and the failed write was skipped
     (tmp_path / "entry").write_bytes(b"x")
     monkeypatch.setattr(cache, "_get_cache_filename", lambda bucket: str(tmp_path / "entry"))
     monkeypatch.setattr(jinja2.bccache.Bucket, "load_bytecode", no_space)
-    monkeypatch.setattr(R, "_ENV", None)
+    monkeypatch.setattr(report_page, "_ENV", None)
     assert R._env().get_template("report.html").render   # a cache entry that cannot be read is skipped
 
 
@@ -700,7 +701,7 @@ def test_a_crash_while_rendering_leaves_the_previous_report_intact(tmp_path, mon
 
     new_id, new_dir = R.new_run_dir(out)
     cases = [make_case(new_dir, f"c{i}", "failed") for i in range(3)]
-    real = R._case_view
+    real = report_page._case_view
     calls = []
 
     def explode_on_second(case, assets):
@@ -709,7 +710,7 @@ def test_a_crash_while_rendering_leaves_the_previous_report_intact(tmp_path, mon
             raise exc
         return real(case, assets)
 
-    monkeypatch.setattr(R, "_case_view", explode_on_second)
+    monkeypatch.setattr(report_page, "_case_view", explode_on_second)   # _views looks it up there
     with pytest.raises(type(exc)):
         R.write_report(out, run_dict(), cases, new_id)
     assert calls == ["c0", "c1"]        # it really died midway through the page
@@ -734,14 +735,6 @@ def test_self_contained_report_is_one_file_with_inlined_pictures(report_dir):
             im.load()
             assert im.size[0] > 0
     assert not [a for a in root.iter("a") if "assets/" in (a.attrs.get("href") or "")]
-
-
-def test_report_writer_wraps_the_module_functions(tmp_path):
-    w = R.ReportWriter(tmp_path / "rep")
-    w.check_writable()
-    run_id, asset_dir = w.new_run_dir()
-    index = w.write(run_dict(), [make_case(asset_dir, "a", "passed")])
-    assert index.is_file() and (tmp_path / "rep" / "assets" / run_id).is_dir()
 
 
 # ---------------------------------------------------------------------------------------------

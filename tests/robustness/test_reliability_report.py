@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from audit import report as R
+from audit.report import folder as report_folder
 
 from .conftest import REPO, assert_no_traceback, check_report, good_cases, write_spec
 
@@ -64,7 +65,7 @@ def test_a_failed_commit_removes_the_runs_pictures_and_keeps_the_old_report(tmp_
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(R, "_write_temp", full)
+    monkeypatch.setattr(report_folder, "_write_temp", full)   # the commit stages files with it
     with pytest.raises(OSError):
         R.write_report(out, run_dict(), [], run_id)
     assert (out / "index.html").read_bytes() == page and runs_in(out) == [old_id]
