@@ -320,14 +320,6 @@ def test_draw_regions_leaves_the_image_alone_when_the_model_saw_everything():
     assert (out == 9).all()
 
 
-def test_outlines_from_mask_trace_the_mask_border():
-    mask = np.zeros((20, 20), bool)
-    mask[5:15, 4:12] = True
-    (outline,) = R.outlines_from_mask(mask)
-    xs, ys = zip(*outline)
-    assert (min(xs), max(xs), min(ys), max(ys)) == (4, 11, 5, 14)
-
-
 # ---------------------------------------------------------------------------------------------
 # case assets
 

@@ -21,7 +21,7 @@ here (see docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 from audit.report.drawing import (COLORMAPS, SEEN, _blend, _draw_regions, colorbar, colorize, draw_regions,
-                                  feature_grid, grid_columns, hottest_point, outlines_from_mask, overlay,
+                                  feature_grid, grid_columns, hottest_point, overlay,
                                   place_in_seen_box)
 from audit.report.assets import _write_picture, flush_assets, render_case_assets, safe_stem
 from audit.report.folder import (RUN_ID_PATTERN, check_writable, discard_run, discard_run_dir, new_run_dir,
@@ -29,7 +29,7 @@ from audit.report.folder import (RUN_ID_PATTERN, check_writable, discard_run, di
 from audit.report.page import (SCHEMA_VERSION, _Assets, _env, _results_json, _template_cache, fmt_prob,
                                fmt_threshold, fmt_value, warm_up, write_report)
 
-__all__ = ["feature_grid", "grid_columns", "colorize", "overlay", "colorbar", "draw_regions", "outlines_from_mask",
+__all__ = ["feature_grid", "grid_columns", "colorize", "overlay", "colorbar", "draw_regions",
            "hottest_point", "place_in_seen_box", "COLORMAPS", "SEEN", "safe_stem", "render_case_assets",
            "flush_assets", "check_writable", "new_run_dir", "release_run_dir", "discard_run", "discard_run_dir",
            "warm_up", "write_report", "fmt_prob", "fmt_threshold", "fmt_value", "SCHEMA_VERSION", "RUN_ID_PATTERN",

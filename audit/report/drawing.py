@@ -213,12 +213,6 @@ def colorbar(colormap: str = "jet", height: int = 256, width: int = 44) -> np.nd
 # regions and points
 
 
-def outlines_from_mask(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """Outer contours of a boolean mask as point lists, for ``draw_regions`` (mask and polygon regions)."""
-    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [[(int(p[0][0]), int(p[0][1])) for p in c] for c in contours if len(c) >= 1]
-
-
 def _points(outline: Sequence[Sequence[float]], scale: float) -> np.ndarray:
     return np.array([[round(float(x) * scale), round(float(y) * scale)] for x, y in outline], dtype=np.int32)
 
