@@ -118,10 +118,6 @@ def pytest_configure(config: pytest.Config) -> None:
             collector.start()
         except AuditError as exc:
             raise pytest.UsageError(str(exc)) from None
-    elif report_dir:
-        from audit.report import warm_up
-
-        warm_up(page=False)   # this worker draws pictures; the controller writes the page
     config.stash[RESULTS_KEY] = collector
     _configure_set_records(config, worker)
     if worker is None:

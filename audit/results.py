@@ -55,7 +55,6 @@ class ResultCollector:
 
         report.check_writable(self.report_dir)
         self.run_id, _ = report.new_run_dir(self.report_dir)
-        report.warm_up()
 
     @property
     def asset_dir(self) -> Path | None:

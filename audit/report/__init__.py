@@ -27,11 +27,11 @@ from audit.report.assets import _write_picture, flush_assets, render_case_assets
 from audit.report.folder import (RUN_ID_PATTERN, check_writable, discard_run, discard_run_dir, new_run_dir,
                                  release_run_dir)
 from audit.report.page import (SCHEMA_VERSION, _Assets, _env, _results_json, _template_cache, fmt_prob,
-                               fmt_threshold, fmt_value, warm_up, write_report)
+                               fmt_threshold, fmt_value, write_report)
 
 __all__ = ["feature_grid", "grid_columns", "colorize", "overlay", "colorbar", "draw_regions",
            "hottest_point", "place_in_seen_box", "COLORMAPS", "SEEN", "safe_stem", "render_case_assets",
            "flush_assets", "check_writable", "new_run_dir", "release_run_dir", "discard_run", "discard_run_dir",
-           "warm_up", "write_report", "fmt_prob", "fmt_threshold", "fmt_value", "SCHEMA_VERSION", "RUN_ID_PATTERN",
+           "write_report", "fmt_prob", "fmt_threshold", "fmt_value", "SCHEMA_VERSION", "RUN_ID_PATTERN",
            # internals that audit.cli (the compare page) and the tests use through this package
            "_Assets", "_env", "_blend", "_draw_regions", "_write_picture", "_results_json", "_template_cache"]

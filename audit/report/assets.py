@@ -9,12 +9,10 @@ colormap and height, shared by the cases (``_shared_colorbar``). ``safe_stem`` n
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
 import re
-import threading
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -60,8 +58,7 @@ class _AssetWriter:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-audit-assets",
-                                            initializer=_lower_priority)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-audit-assets")
         self._pending.append(self._pool.submit(fn, *args))
 
     def flush(self) -> None:
@@ -70,12 +67,6 @@ class _AssetWriter:
         for error in errors:
             if error is not None:
                 raise error
-
-
-def _lower_priority() -> None:
-    """Make the picture thread yield to the model: on Linux a thread's nice value is its own."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 _WRITER = _AssetWriter()

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from audit.report.assets import _WRITER, flush_assets, safe_stem
-from audit.report.drawing import DISPLAY_MIN, LABEL_SCALES, _label_stamp, _shown_size
+from audit.report.assets import flush_assets, safe_stem
+from audit.report.drawing import DISPLAY_MIN, _shown_size
 from audit.report.folder import committing
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ _ENV: "jinja2.Environment | None" = None
 
 
 def _env() -> "jinja2.Environment":
-    """The template environment (jinja2 is imported here, not at module import: see ``warm_up``)."""
+    """The template environment (jinja2 is imported on first use: a run without a report never pays for it)."""
     global _ENV
     if _ENV is None:
         import jinja2
@@ -82,27 +82,6 @@ def _template_cache() -> "jinja2.BytecodeCache | None":
         return TemplateCache()
     except (OSError, RuntimeError):   # no usable temp folder, or one that is not ours
         return None
-
-
-def warm_up(page: bool = True) -> None:
-    """Do the report's one-time work on the picture thread at session start.
-
-    That is: import jinja2 and compile the page (~50 ms; ~15 ms once jinja2's cache holds the compiled
-    page), and draw the channel labels of feature grids (OpenCV's first text call in a thread costs
-    ~25 ms). The session's own start (importing torch,
-    loading the model) leaves the second core idle, so this costs the run next to nothing there, where
-    in the middle or at the end of the run it would add to it. ``flush_assets`` waits for it like for
-    any picture. Workers of pytest-xdist pass ``page=False``: only the controller writes the page.
-    """
-    _WRITER.submit(_first_use, page)
-
-
-def _first_use(page: bool) -> None:
-    for scale in LABEL_SCALES:
-        for index in range(128):   # the classic grids show 64 and 72 maps; more are drawn when needed
-            _label_stamp(index, scale)
-    if page:
-        _env().get_template("report.html")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,20 +191,10 @@ class _Assets:
         self.out_dir = out_dir
         self.self_contained = self_contained
         self.sizes = dict(sizes or {})  # asset path → [width, height], recorded when it was drawn
-        self._listings: dict[str, frozenset[str]] = {}
 
     def exists(self, rel: str | None) -> bool:
-        """Whether the report folder holds this file: one directory listing per folder, not a stat each."""
-        if not rel:
-            return False
-        folder, _, name = rel.rpartition("/")
-        if folder not in self._listings:
-            try:
-                with os.scandir(self.out_dir / folder) as entries:
-                    self._listings[folder] = frozenset(e.name for e in entries if e.is_file())
-            except OSError:
-                self._listings[folder] = frozenset()
-        return name in self._listings[folder]
+        """Whether the report folder holds this file."""
+        return bool(rel) and os.path.isfile(os.path.join(self.out_dir, rel))
 
     def picture(self, rel: str | None, thumb_rel: str | None = None) -> dict | None:
         """``{"src", "href", "width", "height"}`` of a picture shown as a thumbnail linking to full size."""
