@@ -26,13 +26,13 @@ MODEL = "model:\n  arch: shapes_vgg\n"
 @pytest.fixture(scope="module", autouse=True, params=["libyaml", "python"])
 def yaml_parser(request):
     """Every test twice: with libyaml's parser (when PyYAML has it) and with PyYAML's pure-Python one."""
-    from audit import spec
+    from audit.spec import yaml_positions
 
     if request.param == "libyaml" and not getattr(yaml, "__with_libyaml__", False):
         pytest.skip("PyYAML was built without libyaml")
-    loader = spec._CSpecLoader if request.param == "libyaml" else spec._PySpecLoader
+    loader = yaml_positions._CSpecLoader if request.param == "libyaml" else yaml_positions._PySpecLoader
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(spec, "_SpecLoader", loader)
+        patch.setattr(yaml_positions, "_SpecLoader", loader)
         yield request.param
 
 FULL = """\
@@ -367,7 +367,7 @@ def test_loader_leaves_pyyaml_globals_untouched(tmp_path):
 
 def test_alias_bomb_is_refused_quickly(tmp_path, monkeypatch):
     """Refused after a bounded amount of work (counted, not timed: timings are noise on shared cores)."""
-    from audit import spec as S
+    from audit.spec import yaml_positions as S
 
     lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]

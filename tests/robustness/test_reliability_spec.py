@@ -15,6 +15,7 @@ import yaml
 
 from audit import spec as S
 from audit.errors import SpecError
+from audit.spec import validation, yaml_positions
 
 MODEL = "model: {arch: shapes_vgg}\n"
 
@@ -48,8 +49,8 @@ def test_a_merge_in_every_case_of_a_long_spec_loads(tmp_path):
 
 
 def test_what_the_document_holds_is_not_counted_but_what_aliases_add_is(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "MAX_NODES", 50)
-    monkeypatch.setattr(S, "ALIAS_RATIO", 1)
+    monkeypatch.setattr(yaml_positions, "MAX_NODES", 50)
+    monkeypatch.setattr(yaml_positions, "ALIAS_RATIO", 1)
     (tmp_path / "img.png").write_bytes(b"")
     plain = tmp_path / "plain.yaml"
     plain.write_text(MODEL + "cases:\n" + "".join(f"  - {{id: c{i}, image: img.png}}\n" for i in range(40)))
@@ -93,7 +94,7 @@ def test_the_inlined_schema_validates_like_the_original(tmp_path):
     from jsonschema import Draft202012Validator
 
     composed = S.schema()
-    original, inlined = Draft202012Validator(composed), S._validator(S._registry(None))
+    original, inlined = Draft202012Validator(composed), validation._validator(validation._registry(None))
 
     samples = [
         {"model": {"arch": "x"}, "cases": [{"id": "a", "image": "i.png", "expect": {"top1": "circle"}}]},
@@ -113,4 +114,4 @@ def test_a_generated_50000_case_spec_fits_the_size_limit():
     one_case = yaml.safe_dump([{"id": "case-49999", "image": "images/scene-49999.png",
                                 "expect": {"top1": "circle", "min_prob": 0.5},
                                 "focus": {"region": {"box": [12, 20, 40, 48]}, "min_energy": 0.3}}])
-    assert 50_000 * len(one_case) < S.MAX_BYTES
+    assert 50_000 * len(one_case) < yaml_positions.MAX_BYTES
