@@ -531,7 +531,7 @@ def compare(then: Baseline, now: Baseline, tolerance: Any = None) -> CheckResult
     """Today's observation against the recording, as a ``CheckResult("baseline")``.
 
     ``tolerance``: any object with ``top1_must_match``, ``min_topk_overlap``, ``max_prob_drift``,
-    ``min_heatmap_correlation``, ``min_hot_iou`` (``audit.spec.BaselineTolerance``); None: its defaults.
+    ``min_heatmap_correlation``, ``min_hot_iou`` (``BaselineTolerance``); None: its defaults.
     A changed image fails (stale baseline), whatever the numbers say. A changed model or library is not
     a failure by itself: it is what an upgrade looks like, and the message says so.
     """

@@ -8,6 +8,7 @@ targets per image (the top-1 plus two more) by one backward per round against on
 (``is_grads_batched``). Prints one ``name=value`` line per figure.
 
     python benchmarks/bench_engine.py [--batch 4] [--repeats 2] [--no-scorecam] [--models vgg16,resnet50,vit_b_16]
+                                      [--methods scorecam]
 
 Score-CAM costs one masked forward per channel (VGG16: 512, ResNet-50: 2048, ViT-B/16: 768 per image)
 in both libraries, so it runs on one image, once.
@@ -47,7 +48,8 @@ def _tokens_to_grid(tensor: torch.Tensor) -> torch.Tensor:
     return grid.reshape(grid.shape[0], side, side, grid.shape[2]).permute(0, 3, 1, 2)
 
 
-def bench_model(arch: str, batch_size: int, repeats: int, scorecam: bool) -> None:
+def bench_model(arch: str, batch_size: int, repeats: int, scorecam: bool, methods: set[str] | None = None,
+                extras: bool = True) -> None:
     engine = audit.load_model(arch, weights=None, seed=0)
     model = engine.module
     if arch.startswith("vit"):
@@ -71,7 +73,7 @@ def bench_model(arch: str, batch_size: int, repeats: int, scorecam: bool) -> Non
     print(f"{arch}_cam_layer={layer_name}")
     print(f"{arch}_bare_forward_ms_per_img={1000 * t_bare / batch_size:.1f}")
     for method in cams.names():
-        if method not in PGC or (method == "scorecam" and not scorecam):
+        if method not in PGC or (method == "scorecam" and not scorecam) or (methods and method not in methods):
             continue
         one = method == "scorecam"
         imgs, x, base, reps = (images[:1], batch[:1], t_bare_one, 1) if one else (images, batch, t_bare, repeats)
@@ -92,6 +94,8 @@ def bench_model(arch: str, batch_size: int, repeats: int, scorecam: bool) -> Non
         t_theirs = median_seconds(theirs, reps, warm=not one)
         print(f"{arch}_{key}_audit_vs_bare={t_ours / base:.2f}")
         print(f"{arch}_{key}_pytorch_grad_cam_vs_bare={t_theirs / base:.2f}")
+    if not extras:
+        return
     # several targets per image: the top-1 and two more classes, one forward
     targets = [[1, 2] for _ in images]
     timings = {}
@@ -116,12 +120,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-scorecam", action="store_true", help="skip Score-CAM (minutes on a CPU)")
     parser.add_argument("--models", default="vgg16,resnet50,vit_b_16")
+    parser.add_argument("--methods", default="", help="comma-separated CAM methods (default: all six); "
+                        "naming any skips the several-targets and feature-grid figures")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"batch={args.batch}")
     print(f"threads={torch.get_num_threads()}")
     for arch in args.models.split(","):
-        bench_model(arch.strip(), args.batch, args.repeats, not args.no_scorecam)
+        methods = set(filter(None, args.methods.split(",")))
+        bench_model(arch.strip(), args.batch, args.repeats, not args.no_scorecam, methods or None, not methods)
 
 
 if __name__ == "__main__":
