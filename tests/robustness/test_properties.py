@@ -89,6 +89,7 @@ def test_energy_is_a_share_between_zero_and_one(case):
 def test_pointing_game_at_zero_tolerance_is_the_argmax_when_the_maximum_is_unique(case, data):
     heat, mask = case
     height, width = heat.shape
+    assume(heat.size > 1)   # a one-pixel map is also uniform, and a uniform map points nowhere (its own test)
     y = data.draw(st.integers(0, height - 1))
     x = data.draw(st.integers(0, width - 1))
     heat = heat.copy()
