@@ -42,8 +42,10 @@ _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool
 # top-level children that hold the classification head: the generic default-layer rule looks before them
 _HEADS = ("classifier", "head", "heads", "fc")
 # several targets per image: one backward per round of classes, or one vmapped backward of all rounds
-# (``is_grads_batched``). Measured on 2 CPU threads (benchmarks/bench_engine.py, --targets): the
-# loop was as fast or faster for VGG16, ResNet-50 and ViT-B/16, so it is the default.
+# (``is_grads_batched``). benchmarks/bench_engine.py prints both (``*_3targets_loop_vs_bare`` and
+# ``*_3targets_batched_vs_bare``); one run on 2 shared CPU cores gave the vmapped backward 3-16% less
+# time (VGG16 0.62 vs 0.74 of a bare forward, ResNet-50 1.07 vs 1.11, ViT-B/16 1.35 vs 1.39), too
+# close to that machine's noise to change the default before a quiet run confirms it.
 BATCHED_GRADS = False
 # a map whose largest value is under this share of its largest sum of |terms| is float32 rounding noise
 # (sums of ~1000 float32 terms err by ~1e-6 of their magnitude; a real map is orders above)
