@@ -311,6 +311,9 @@ class AuditSession:
         queue = self._queue.get(self.model_key(ref.model), [nodeid]) if self.lookahead != "none" else [nodeid]
         if self.lookahead == "file":
             queue = [n for n in queue if self.refs[n].spec.path == ref.spec.path]
+        # one forward explains every image of the batch the same way: the cases that join it must ask
+        # for the same preprocessing, CAM layer and method (two specs may name one model differently)
+        queue = [n for n in queue if _explain_settings(self.refs[n].model) == _explain_settings(ref.model)]
         start = queue.index(nodeid) if nodeid in queue else 0
         batch = [n for n in queue[start:] if n not in self._observations][: self.batch_size]
         if nodeid not in batch:
@@ -457,6 +460,11 @@ def model_label(model: ModelSpec) -> str:
     else:
         source = f"random init, seed {model.seed}"
     return f"{model.arch} ({source}, {model.preprocess})"
+
+
+def _explain_settings(model: ModelSpec) -> tuple:
+    """What one batched ``Engine.explain`` call fixes for all its images, beyond the model itself."""
+    return (model.preprocess, model.cam_layer, model.cam_method)
 
 
 def _key(case: CaseSpec) -> str:

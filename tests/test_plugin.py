@@ -67,6 +67,18 @@ def test_shipped_scenes_pass_with_one_model_load_and_one_forward_per_batch(pytes
     result.stdout.fnmatch_lines(["*1 model load, 12 images in 3 forward passes*"])
 
 
+def test_specs_naming_one_model_with_other_explain_settings_never_share_a_forward(pytester, scenes):
+    """One model, two ways to explain it (preprocess, cam_layer): a batch holds cases of one way only."""
+    write_spec(pytester, "a.yaml", [case(n, m) for n, m in scenes[:3]])
+    write_spec(pytester, "b.yaml", [case(n, m) for n, m in scenes[3:6]],
+               model={"arch": "shapes_vgg", "cam_layer": "features.12", "preprocess": "weights"})
+    result = pytester.runpytest("--audit-report", "reports")
+    result.assert_outcomes(passed=12)
+    result.stdout.fnmatch_lines(["*6 cases*1 model load, 6 images in 2 forward passes*"])
+    cases = json.loads((pytester.path / "reports" / "results.json").read_text())["cases"]
+    assert {c["spec"]: c["cam_layer"] for c in cases} == {"a.yaml": "features.13", "b.yaml": "features.12"}
+
+
 def test_failed_prediction_reads_like_an_assertion_without_a_traceback(pytester, scenes):
     (name, meta), (_, other) = scenes[0], next(s for s in scenes if s[1]["label"] != scenes[0][1]["label"])
     write_spec(pytester, "wrong.yaml", [case(name, {**meta, "label": other["label"]})])
