@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from audit.errors import AuditError, ImageError, ModelError
+from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
 from audit.files import atomic_write, atomic_write_bytes
 
 PROG = "model-audit"
@@ -433,8 +434,25 @@ def _with_notes(body: str, notes: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- weights
-# Every step that knows how torchvision finds, reads and fits weights is audit.models' own (the loader
-# uses the same ones): the enum lookup, the hub file, reading a state_dict safely, the strict fit.
+
+def _hub_dir() -> Path:
+    import torch
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _weights_member(name: str, weights: str):
+    import torchvision
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelError(f"{name} has no pretrained weights in torchvision") from None
+    members = list(enum.__members__)
+    key = weights.strip().rsplit(".", 1)[-1].upper()
+    if key not in enum.__members__:
+        raise UnknownNameError("weights", weights, closest(weights, members, 3),
+                               hint=f"{name} has weights {', '.join(members)}")
+    return enum[key]
+
 
 def expected_prefix(file_name: str) -> str | None:
     """The sha256 prefix torchvision puts in its file names (``vgg16-397923af.pth`` -> ``397923af``)."""
@@ -445,10 +463,21 @@ def expected_prefix(file_name: str) -> str | None:
     return prefix if len(prefix) >= 6 and all(c in "0123456789abcdef" for c in prefix) else None
 
 
-def cmd_weights(args: argparse.Namespace) -> int:
-    from audit import models
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    zoo = models.zoo_models()
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    import torchvision
+
+    try:
+        from audit.zoo import ZOO as zoo
+    except ModuleNotFoundError:
+        zoo = {}
     if args.name in zoo:
         path = Path(zoo[args.name].weights_path)
         state = "present" if path.is_file() else "MISSING (reinstall model-audit or run python -m audit.zoo.train)"
@@ -457,10 +486,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
             raise AuditError(f"{args.name} is a zoo model; its weights ship with model-audit and cannot be replaced "
                              "with --from (use checkpoint: <path> in the spec for other weights)")
         return 0 if path.is_file() else 1
-    models.check_arch(args.name)
-    member = models.weights_enum(args.name, args.weights)
-    target = models.hub_file(member)
-    prefix = expected_prefix(target.name)
+    names = torchvision.models.list_models(module=torchvision.models)
+    if args.name not in names:
+        raise UnknownNameError("model", args.name, closest(args.name, [*names, *zoo], 3))
+    member = _weights_member(args.name, args.weights)
+    from urllib.parse import urlparse
+    file_name = os.path.basename(urlparse(member.url).path)
+    target = _hub_dir() / file_name
+    prefix = expected_prefix(file_name)
     title = f"{args.name} {member.name}" + ("" if args.weights.upper() == member.name else f" ({args.weights})")
     if args.source is None:
         _say(f"weights {title}")
@@ -471,19 +504,16 @@ def cmd_weights(args: argparse.Namespace) -> int:
         if not target.is_file():
             _say(f"  to install a downloaded copy: {PROG} weights {args.name} --weights {member.name} --from FILE")
         return 0 if target.is_file() else 1
-    return _install(Path(args.source), member, target, prefix, title, args)
+    return _install(Path(args.source), target, prefix, title, args)
 
 
-def _install(source: Path, member: Any, target: Path, prefix: str | None, title: str,
-             args: argparse.Namespace) -> int:
+def _install(source: Path, target: Path, prefix: str | None, title: str, args: argparse.Namespace) -> int:
     import torch
-
-    from audit import models
-    from audit.baselines import sha256_file
+    import torchvision
 
     if not source.is_file():
         raise AuditError(f"--from {source}: file not found")
-    digest = sha256_file(source)
+    digest = _sha256(source)
     if not args.no_check:
         if prefix is None:
             raise AuditError(f"cannot check {source}: the weights file name {target.name} carries no sha256 prefix; "
@@ -491,17 +521,37 @@ def _install(source: Path, member: Any, target: Path, prefix: str | None, title:
         if not digest.startswith(prefix):
             raise AuditError(f"{source} has sha256 {digest[:12]}…, but {title} expects {prefix}… (the hash in "
                              f"{target.name}): this is not that file; pass --no-check to install it anyway")
-    state, as_is = models.check_weights_file(args.name, member, source)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a safe state_dict"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AuditError(f"{source} does not load as a safe state_dict (torch.load weights_only=True): {first}") \
+            from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AuditError(f"{source} holds no state_dict of tensors (found {type(state).__name__})")
+    module = torchvision.models.get_model(args.name, weights=None,
+                                          **({"aux_logits": True, "init_weights": False}
+                                             if args.name in ("googlenet", "inception_v3") else {}))
+    own = module.state_dict()
+    problems = []
+    for what, keys in (("missing", [k for k in own if k not in state]),
+                       ("unexpected", [k for k in state if k not in own]),
+                       ("shape mismatches:", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                                              if k in state and state[k].shape != own[k].shape])):
+        if keys:
+            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {what} {'keys ' if what != 'shape mismatches:' else ''}({shown})")
+    if problems:
+        raise AuditError(f"{source} does not fit {args.name}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     replaced = target.is_file()
-    if as_is:
-        with open(source, "rb") as src:
-            atomic_write(target, lambda fh: shutil.copyfileobj(src, fh), durable=True)
-    else:   # a wrapped or DataParallel state_dict: torchvision reads a bare one from its cache
-        atomic_write(target, lambda fh: torch.save(state, fh), durable=True)
+    with open(source, "rb") as src:
+        atomic_write(target, lambda fh: shutil.copyfileobj(src, fh), durable=True)
     check = "hash not checked (--no-check)" if args.no_check else f"sha256 {digest[:12]}… matches"
-    how = "" if as_is else " (its bare state_dict)"
-    _say(f"{'replaced' if replaced else 'installed'} {target}{how}: {check}, {len(state)} tensors fit {args.name}")
+    _say(f"{'replaced' if replaced else 'installed'} {target}: {check}, {len(state)} tensors fit {args.name}")
     _say(f"weights {title} now load offline")
     return 0
 
