@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from audit import defaults
+
 OK, FAIL = "ok", "FAIL"
 
 
@@ -250,7 +252,7 @@ def pointing_game(heat: np.ndarray, mask: np.ndarray, tolerance_px: float = 0.0)
     return _pointing(heat, mask, tolerance_px)[0]
 
 
-def iou_at(heat: np.ndarray, mask: np.ndarray, fraction: float = 0.5) -> float:
+def iou_at(heat: np.ndarray, mask: np.ndarray, fraction: float = defaults.IOU_THRESHOLD) -> float:
     """IoU of the hot area {H >= fraction * max H} with R; 0.0 for an all-zero heatmap."""
     return _iou(heat, mask, fraction)[0]
 
@@ -381,7 +383,7 @@ class FocusExpectation:
     pointing_game: bool = False
     tolerance_px: float = 0.0
     min_iou: float | None = None
-    iou_threshold: float = 0.5
+    iou_threshold: float = defaults.IOU_THRESHOLD
     min_rank_accuracy: float | None = None
     min_auc: float | None = None
     avoid: np.ndarray | None = None

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from audit import cams as cam_methods
+from audit import defaults
 from audit.checks import Ranked  # one type for the engine's top-k and the checks
 from audit.errors import ModelError, UnknownNameError, closest
 from audit.images import Geometry, cam_to_original, load_image
@@ -349,7 +350,7 @@ class Engine:
         return self.categories.resolve(label)
 
     # -- the work -----------------------------------------------------------------------------------
-    def explain(self, images: Sequence[str | Path | Image.Image], top_k: int = 5, cam_layer: str | None = None,
+    def explain(self, images: Sequence[str | Path | Image.Image], top_k: int = defaults.TOP_K, cam_layer: str | None = None,
                 feature_layers: Sequence[str] = (), targets: Sequence[Any] | None = None,
                 preprocess: str = "squash", batch_size: int = 8,
                 cam_method: str | None = None) -> list[Explanation]:
