@@ -31,7 +31,7 @@ import numpy as np
 
 from audit.checks import CheckResult, Metric
 from audit.errors import AuditError
-from audit.files import atomic_write, remove_stale_temps
+from audit.files import atomic_write, remove_stale_temps, sha256_file
 from audit.versions import library_versions
 
 __all__ = ["Baseline", "BaselineTolerance", "BaselineStore", "SCHEMA_VERSION", "safe_case_id", "sha256_file", "current_versions",
@@ -137,15 +137,6 @@ def _ranked_dict(r: Any) -> dict[str, Any]:
     """``{index, label, prob}`` from an engine ``Ranked`` or a dict; prob rounded to 6 decimals."""
     get = r.get if isinstance(r, Mapping) else (lambda k: getattr(r, k))
     return {"index": int(get("index")), "label": str(get("label")), "prob": round(float(get("prob")), 6)}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes: a changed image makes its baseline stale."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def current_versions() -> dict[str, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -27,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from audit.errors import AuditError, ImageError, ModelError, UnknownNameError, closest
+from audit import defaults
+from audit.errors import AuditError, ImageError, ModelError
 from audit.files import atomic_write, atomic_write_bytes
 
 PROG = "model-audit"
 NONE_WEIGHTS = ("none", "null", "random")
-DEFAULT_SEED = 0
-COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma")
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -72,7 +70,7 @@ class ModelChoice:
         import audit
         seed = self.seed if self.weights is None and self.checkpoint is None else None
         if self.weights is None and self.checkpoint is None and seed is None:
-            seed = DEFAULT_SEED
+            seed = defaults.SEED
         from audit.errors import WeightsUnavailable
         try:
             return audit.load_model(self.arch, weights=self.weights, checkpoint=self.checkpoint,
@@ -335,7 +333,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     else:
         model["weights"] = choice.weights
         if choice.weights is None:
-            model["seed"] = args.seed if args.seed is not None else DEFAULT_SEED
+            model["seed"] = args.seed if args.seed is not None else defaults.SEED
     model["preprocess"] = args.preprocess
     if args.cam_layer:
         model["cam_layer"] = args.cam_layer
@@ -435,25 +433,6 @@ def _with_notes(body: str, notes: list[str]) -> str:
 
 # ----------------------------------------------------------------------------------------- weights
 
-def _hub_dir() -> Path:
-    import torch
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _weights_member(name: str, weights: str):
-    import torchvision
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError, AttributeError):
-        raise ModelError(f"{name} has no pretrained weights in torchvision") from None
-    members = list(enum.__members__)
-    key = weights.strip().rsplit(".", 1)[-1].upper()
-    if key not in enum.__members__:
-        raise UnknownNameError("weights", weights, closest(weights, members, 3),
-                               hint=f"{name} has weights {', '.join(members)}")
-    return enum[key]
-
-
 def expected_prefix(file_name: str) -> str | None:
     """The sha256 prefix torchvision puts in its file names (``vgg16-397923af.pth`` -> ``397923af``)."""
     stem = Path(file_name).name.split(".", 1)[0]
@@ -463,37 +442,24 @@ def expected_prefix(file_name: str) -> str | None:
     return prefix if len(prefix) >= 6 and all(c in "0123456789abcdef" for c in prefix) else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cmd_weights(args: argparse.Namespace) -> int:
-    import torchvision
+    """Where torchvision keeps a model's pretrained weights, and installing a copy there: every step is the
+    loader's own (:mod:`audit.models`), so what this command accepts is exactly what a spec then loads."""
+    from audit import models
 
-    try:
-        from audit.zoo import ZOO as zoo
-    except ModuleNotFoundError:
-        zoo = {}
-    if args.name in zoo:
-        path = Path(zoo[args.name].weights_path)
+    entry = models.zoo().get(args.name)
+    if entry is not None:
+        path = Path(entry.weights_path)
         state = "present" if path.is_file() else "MISSING (reinstall model-audit or run python -m audit.zoo.train)"
         _say(f"{args.name} is a zoo model: its weights ship in the package: {path} ({state})")
         if args.source:
             raise AuditError(f"{args.name} is a zoo model; its weights ship with model-audit and cannot be replaced "
                              "with --from (use checkpoint: <path> in the spec for other weights)")
         return 0 if path.is_file() else 1
-    names = torchvision.models.list_models(module=torchvision.models)
-    if args.name not in names:
-        raise UnknownNameError("model", args.name, closest(args.name, [*names, *zoo], 3))
-    member = _weights_member(args.name, args.weights)
-    from urllib.parse import urlparse
-    file_name = os.path.basename(urlparse(member.url).path)
-    target = _hub_dir() / file_name
-    prefix = expected_prefix(file_name)
+    models.check_arch(args.name)
+    member = models.weights_enum(args.name, args.weights)
+    target = models.hub_file(member)
+    prefix = expected_prefix(target.name)
     title = f"{args.name} {member.name}" + ("" if args.weights.upper() == member.name else f" ({args.weights})")
     if args.source is None:
         _say(f"weights {title}")
@@ -508,12 +474,16 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def _install(source: Path, target: Path, prefix: str | None, title: str, args: argparse.Namespace) -> int:
+    """Check ``source`` (hash, safe load, strict fit) before anything is written, then replace ``target``
+    atomically: the file itself, or its bare state_dict when it holds a wrapper or ``module.`` keys."""
     import torch
-    import torchvision
+
+    from audit import models
+    from audit.files import sha256_file
 
     if not source.is_file():
         raise AuditError(f"--from {source}: file not found")
-    digest = _sha256(source)
+    digest = sha256_file(source)
     if not args.no_check:
         if prefix is None:
             raise AuditError(f"cannot check {source}: the weights file name {target.name} carries no sha256 prefix; "
@@ -521,37 +491,18 @@ def _install(source: Path, target: Path, prefix: str | None, title: str, args: a
         if not digest.startswith(prefix):
             raise AuditError(f"{source} has sha256 {digest[:12]}…, but {title} expects {prefix}… (the hash in "
                              f"{target.name}): this is not that file; pass --no-check to install it anyway")
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a safe state_dict"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise AuditError(f"{source} does not load as a safe state_dict (torch.load weights_only=True): {first}") \
-            from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AuditError(f"{source} holds no state_dict of tensors (found {type(state).__name__})")
-    module = torchvision.models.get_model(args.name, weights=None,
-                                          **({"aux_logits": True, "init_weights": False}
-                                             if args.name in ("googlenet", "inception_v3") else {}))
-    own = module.state_dict()
-    problems = []
-    for what, keys in (("missing", [k for k in own if k not in state]),
-                       ("unexpected", [k for k in state if k not in own]),
-                       ("shape mismatches:", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                                              if k in state and state[k].shape != own[k].shape])):
-        if keys:
-            shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
-            problems.append(f"{len(keys)} {what} {'keys ' if what != 'shape mismatches:' else ''}({shown})")
-    if problems:
-        raise AuditError(f"{source} does not fit {args.name}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    state, as_saved = models.read_weights_file(source, f"--from {source}")
+    models.load_into(models.torchvision_skeleton(args.name), state, str(source), args.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     replaced = target.is_file()
-    with open(source, "rb") as src:
-        atomic_write(target, lambda fh: shutil.copyfileobj(src, fh), durable=True)
+    if as_saved:
+        with open(source, "rb") as src:
+            atomic_write(target, lambda fh: shutil.copyfileobj(src, fh), durable=True)
+    else:
+        atomic_write(target, lambda fh: torch.save(state, fh), durable=True)
     check = "hash not checked (--no-check)" if args.no_check else f"sha256 {digest[:12]}… matches"
-    _say(f"{'replaced' if replaced else 'installed'} {target}: {check}, {len(state)} tensors fit {args.name}")
+    how = "" if as_saved else " (its bare state_dict, as torchvision reads it)"
+    _say(f"{'replaced' if replaced else 'installed'} {target}{how}: {check}, {len(state)} tensors fit {args.name}")
     _say(f"weights {title} now load offline")
     return 0
 
@@ -833,7 +784,7 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> 
                         "(none with --checkpoint)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="a state_dict or TorchScript file")
     g.add_argument("--labels", default=None, metavar="FILE", help="category names (JSON or .txt) overriding the model's")
-    g.add_argument("--seed", type=int, default=None, help=f"seed of a random init (--weights none); default {DEFAULT_SEED}")
+    g.add_argument("--seed", type=int, default=None, help=f"seed of a random init (--weights none); default {defaults.SEED}")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     g.add_argument("--preprocess", choices=("squash", "weights"), default="squash",
                    help="squash: resize the whole image (default); weights: the weights' resize + centre crop")
@@ -841,7 +792,8 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "vgg16") -> 
     g.add_argument("--cam-method", default=None, metavar="NAME",
                    help="gradcam (default), gradcam++, xgradcam, hirescam, layercam, scorecam; "
                         "explain also takes 'all' (every method side by side)")
-    g.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
+    g.add_argument("--batch-size", type=_positive, default=defaults.BATCH_SIZE, metavar="N",
+                   help=f"images per forward pass (default {defaults.BATCH_SIZE})")
 
 
 def _output_folder(path: str, option: str) -> Path:
@@ -958,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive, default=5, metavar="K", help="rows of the table (default 5)")
     p.add_argument("--out", default=None, metavar="DIR", help="write the pictures here")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="heatmap colours (default jet)")
+    p.add_argument("--colormap", choices=defaults.COLORMAPS, default=defaults.COLORMAP,
+                   help=f"heatmap colours (default {defaults.COLORMAP})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_explain)
 
@@ -1012,8 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-cam-layer", default=None, metavar="NAME", help="Grad-CAM layer of model B")
     p.add_argument("--out", default="reports/compare", metavar="DIR", help="report folder (default reports/compare)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default 8)")
-    p.add_argument("--colormap", choices=COLORMAPS, default="jet", help="overlay colours (default jet)")
+    p.add_argument("--batch-size", type=_positive, default=defaults.BATCH_SIZE, metavar="N",
+                   help=f"images per forward pass (default {defaults.BATCH_SIZE})")
+    p.add_argument("--colormap", choices=defaults.COLORMAPS, default=defaults.COLORMAP,
+                   help=f"overlay colours (default {defaults.COLORMAP})")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 

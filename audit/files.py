@@ -8,6 +8,7 @@ itself written this way, is replaced.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
@@ -101,3 +102,13 @@ def remove_stale_temps(folder: Path | str, patterns: tuple[str, ...] = (".tmp-*"
                     path.unlink()
                     removed += 1
     return removed
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes: a changed image makes its baseline stale; an installed weights file is
+    checked against the hash prefix in its torchvision file name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

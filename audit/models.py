@@ -41,7 +41,10 @@ from audit import torchscript
 from audit.errors import ModelError, UnknownNameError, WeightsUnavailable, closest
 from audit.images import Preprocessing
 
-__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV", "TIMM_PREFIX"]
+__all__ = ["Categories", "LoadedModel", "load", "fingerprint", "OFFLINE_ENV", "TIMM_PREFIX",
+           # what `model-audit weights` installs with
+           "zoo", "check_arch", "weights_enum", "hub_file", "torchvision_skeleton", "read_state_dict",
+           "read_weights_file", "load_into"]
 
 #: Set to 1 to never try a download: missing weights fail at once instead of after a network timeout.
 OFFLINE_ENV = "MODEL_AUDIT_OFFLINE"
@@ -245,7 +248,7 @@ def load(arch: str, weights: str | None = None, checkpoint: str | Path | None = 
                            target)
     elif checkpoint is not None:
         built = _from_checkpoint(arch, Path(checkpoint), num_classes, target)
-    elif arch in _zoo():
+    elif arch in zoo():
         built = _from_zoo(arch, weights)
     else:
         built = _from_torchvision(arch, weights, seed, num_classes)
@@ -300,7 +303,7 @@ def _default_categories(arch: str, outputs: int | None) -> Categories:
 
 
 # --- zoo
-def _zoo() -> Mapping[str, Any]:
+def zoo() -> Mapping[str, Any]:
     """The shipped zoo, imported only when a load needs it."""
     try:
         module = importlib.import_module("audit.zoo")
@@ -312,7 +315,7 @@ def _zoo() -> Mapping[str, Any]:
 
 
 def _from_zoo(arch: str, weights: str | None) -> _Built:
-    entry = _zoo()[arch]
+    entry = zoo()[arch]
     if weights not in (None, "DEFAULT"):
         raise UnknownNameError("weights", weights, ["DEFAULT"],
                                hint=f"zoo model {arch} ships one set of weights: leave weights out")
@@ -321,10 +324,16 @@ def _from_zoo(arch: str, weights: str | None) -> _Built:
         raise WeightsUnavailable(f"weights of zoo model {arch} are missing: expected {path}; "
                                  f"train them with python -m audit.zoo.train or reinstall model-audit")
     module = entry.build()
-    _load_into(module, _read_state_dict(path, what=f"zoo weights {path}"), f"zoo weights {path}", arch)
-    squash = Preprocessing("squash", int(entry.input_size), mean=tuple(entry.mean), std=tuple(entry.std))
+    load_into(module, read_state_dict(path, what=f"zoo weights {path}"), f"zoo weights {path}", arch)
     return _Built(module, "DEFAULT", len(entry.categories), Categories(list(entry.categories)),
-                  {"squash": squash, "weights": squash}, f"zoo {arch} ({path})")
+                  _square(entry.input_size, entry.mean, entry.std), f"zoo {arch} ({path})")
+
+
+def _square(size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Preprocessing]:
+    """The preprocessing of a model trained on squashed square inputs (the zoo, a user's provided model):
+    both modes resize to ``size`` x ``size``, as it was trained; there is no crop to choose."""
+    squash = Preprocessing("squash", int(size), mean=tuple(mean), std=tuple(std))
+    return {"squash": squash, "weights": squash}
 
 
 # --- torchvision
@@ -332,9 +341,9 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
     if arch not in _torchvision_names():
-        raise UnknownNameError("model", arch, closest(arch, [*_torchvision_names(), *_zoo()], 3))
+        raise UnknownNameError("model", arch, closest(arch, [*_torchvision_names(), *zoo()], 3))
 
 
 def _default_weights(arch: str) -> Any:
@@ -344,9 +353,12 @@ def _default_weights(arch: str) -> Any:
         return None
 
 
-def _weights_enum(arch: str, name: str) -> Any:
+def weights_enum(arch: str, name: str) -> Any:
     """The weights enum member for ``name`` ("DEFAULT", "IMAGENET1K_V1" or "VGG16_Weights.IMAGENET1K_V1")."""
-    enum = torchvision.models.get_model_weights(arch)
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelError(f"{arch} has no pretrained weights in torchvision") from None
     valid = [*enum.__members__]
     key = str(name).strip().rsplit(".", 1)[-1].upper()
     if key not in enum.__members__:
@@ -366,7 +378,7 @@ def _preprocessing_of(weights_enum: Any) -> dict[str, Preprocessing]:
 
 
 def _from_torchvision(arch: str, weights: str | None, seed: int | None, num_classes: int | None) -> _Built:
-    _check_arch(arch)
+    check_arch(arch)
     if weights is None:
         config = {} if num_classes is None else {"num_classes": num_classes}
         with _seeded(seed):
@@ -374,7 +386,7 @@ def _from_torchvision(arch: str, weights: str | None, seed: int | None, num_clas
         how = f"seed {seed}" if seed is not None else "unseeded"
         return _Built(module, None, num_classes or 1000, None, _preprocessing_of(_default_weights(arch)),
                       f"torchvision {arch} random init ({how})")
-    enum = _weights_enum(arch, weights)
+    enum = weights_enum(arch, weights)
     categories = enum.meta.get("categories")
     if num_classes is not None and categories is not None and num_classes != len(categories):
         raise ModelError(f"weights {arch} {enum.name} have {len(categories)} classes, not "
@@ -386,14 +398,23 @@ def _from_torchvision(arch: str, weights: str | None, seed: int | None, num_clas
                   f"torchvision {arch} {enum.name}{requested}")
 
 
-def _hub_file(enum: Any) -> Path:
+def torchvision_skeleton(arch: str) -> nn.Module:
+    """``arch`` as torchvision builds it before reading pretrained weights into it (random init; the
+    googlenet and inception_v3 weights hold their auxiliary heads), so a file that fits it loads offline."""
+    check_arch(arch)
+    config = {"aux_logits": True, "init_weights": False} if arch in _AUX_PREFIX else {}
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG as it was
+        return torchvision.models.get_model(arch, weights=None, **config)
+
+
+def hub_file(enum: Any) -> Path:
     """Where torchvision's ``load_state_dict_from_url`` keeps (or would download) these weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(enum.url).path)
 
 
 def _torchvision_with_weights(arch: str, enum: Any) -> nn.Module:
     """torchvision's own loading path, made safe (weights_only) and quick to fail when offline."""
-    cached = _hub_file(enum)
+    cached = hub_file(enum)
     unavailable = (f"weights {arch} {enum.name} are not available offline: expected {cached}; copy the "
                    f"file there, set TORCH_HOME to a folder holding hub/checkpoints/{cached.name}, "
                    f"or pass checkpoint: <path>")
@@ -505,13 +526,13 @@ def _from_timm(arch: str, weights: str | None, checkpoint: Path | None, seed: in
             built.preprocessing = preprocessing
             return built
         what = f"checkpoint {checkpoint}"
-        state = _read_state_dict(checkpoint, what)
+        state = read_state_dict(checkpoint, what)
         key = _timm_classifier_key(config)
         head = state.get(key) if key else None
         classes = num_classes or (int(head.shape[0]) if head is not None and head.dim() >= 2 else None) or 1000
         with torch.random.fork_rng(devices=[]):
             module = _timm_create(timm, base, arch, pretrained=False, num_classes=classes)
-        _load_into(module, state, what, arch)
+        load_into(module, state, what, arch)
         return _Built(module, None, classes, None, preprocessing, f"checkpoint {checkpoint} (state_dict) into {arch}")
     if weights is None:
         with _seeded(seed):
@@ -640,17 +661,15 @@ def _from_checkpoint(arch: str, path: Path, num_classes: int | None, target: tor
     if _is_torchscript(path):
         return _from_torchscript(arch, path, target)
     what = f"checkpoint {path}"
-    state = _read_state_dict(path, what)
-    zoo = _zoo()
-    if arch in zoo:
-        module = zoo[arch].build()
-        entry = zoo[arch]
-        squash = Preprocessing("squash", int(entry.input_size), mean=tuple(entry.mean), std=tuple(entry.std))
-        preprocessing = {"squash": squash, "weights": squash}
+    state = read_state_dict(path, what)
+    entry = zoo().get(arch)
+    if entry is not None:
+        module = entry.build()
+        preprocessing = _square(entry.input_size, entry.mean, entry.std)
         categories: Categories | None = Categories(list(entry.categories))
         source = f"checkpoint {path} (state_dict) into zoo {arch}"
     else:
-        _check_arch(arch)
+        check_arch(arch)
         classes = num_classes or _classes_in(arch, state) or 1000
         config: dict[str, Any] = {"num_classes": classes}
         if arch in _AUX_PREFIX:  # fine-tuned googlenet / inception_v3 are often saved without aux heads
@@ -660,7 +679,7 @@ def _from_checkpoint(arch: str, path: Path, num_classes: int | None, target: tor
         preprocessing = _preprocessing_of(_default_weights(arch))
         categories = None
         source = f"checkpoint {path} (state_dict) into {arch}"
-    _load_into(module, state, what, arch)
+    load_into(module, state, what, arch)
     outputs = _last_weight_rows(module.state_dict())
     if categories is not None and outputs is not None and outputs != len(categories):
         categories = None
@@ -703,11 +722,9 @@ def _from_torchscript(arch: str, path: Path, target: torch.device) -> _Built:
                          "with torch.jit.trace(model, example) instead, or save model.state_dict() and name "
                          "the architecture")
     module = torchscript.hookable(script, f"checkpoint {path} (TorchScript)")
-    zoo = _zoo()
-    if arch in zoo:
-        entry = zoo[arch]
-        squash = Preprocessing("squash", int(entry.input_size), mean=tuple(entry.mean), std=tuple(entry.std))
-        preprocessing = {"squash": squash, "weights": squash}
+    entry = zoo().get(arch)
+    if entry is not None:
+        preprocessing = _square(entry.input_size, entry.mean, entry.std)
     else:
         preprocessing = _preprocessing_of(_default_weights(arch))
     # the number of outputs is a guess from the last weight matrix; the engine checks it on the first run
@@ -715,8 +732,15 @@ def _from_torchscript(arch: str, path: Path, target: torch.device) -> _Built:
                   preprocessing, f"checkpoint {path} (TorchScript)")
 
 
-def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A state_dict from ``path``: plain, or inside a ``{"state_dict": ...}``-style wrapper."""
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state_dict from ``path``: plain, inside a ``{"state_dict": ...}``-style wrapper, or saved from
+    DataParallel (``module.`` prefixes stripped); one :class:`ModelError` line when it is none of these."""
+    return read_weights_file(path, what)[0]
+
+
+def read_weights_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """``(state_dict, as_saved)``: ``as_saved`` is false when the file holds a wrapper or prefixed keys, so
+    ``model-audit weights`` knows to install the bare state_dict torchvision reads instead of the file."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -736,11 +760,13 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(str, list(data)[:6])) if isinstance(data, dict) else type(data).__name__
         raise ModelError(f"{what} holds no state_dict of tensors (found: {keys}); save "
                          "model.state_dict() or a dict with a 'state_dict' entry")
+    as_saved = state is data
     metadata = getattr(state, "_metadata", None)
     keys = list(state)
     if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel / DDP
         state = _with_metadata({k[len("module."):]: v for k, v in state.items()}, metadata, "module")
-    return state
+        as_saved = False
+    return state, as_saved
 
 
 def _unwrap(data: Any) -> dict[str, torch.Tensor] | None:
@@ -831,7 +857,7 @@ def _last_weight_rows(state: Mapping[str, Any]) -> int | None:
     return int(state[key].shape[0]) if key is not None else None
 
 
-def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
     """Load ``state`` strictly, or raise one message listing what does not fit."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -900,8 +926,7 @@ def load_provided(arch: str, provided: "ProvidedModel | nn.Module", labels: str 
     if not isinstance(provided, ProvidedModel) or not isinstance(provided.module, nn.Module):
         raise ModelError(f"the model {arch!r} provided by pytest_audit_make_model is {type(provided).__name__}; "
                          "return a torch.nn.Module or audit.models.ProvidedModel")
-    squash = Preprocessing("squash", int(provided.input_size), mean=tuple(provided.mean), std=tuple(provided.std))
-    preprocessing = dict(provided.preprocessing or {"squash": squash, "weights": squash})
+    preprocessing = dict(provided.preprocessing or _square(provided.input_size, provided.mean, provided.std))
     outputs = _last_weight_rows(provided.module.state_dict())
     categories = Categories(list(provided.categories)) if provided.categories else None
     built = _Built(provided.module, None, len(categories) if categories else outputs, categories, preprocessing,

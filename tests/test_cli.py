@@ -209,6 +209,29 @@ def test_weights_from_no_check_installs_and_the_model_loads_offline(scenes, tmp_
     assert engine.loaded.fingerprint == fingerprint(expected)
 
 
+def test_weights_from_a_wrapped_dataparallel_file_installs_the_bare_state_dict(scenes, tmp_path, monkeypatch):
+    """A training script's ``{"state_dict": ...}`` of a DataParallel model fits (the loader's own reading);
+    torchvision reads a bare state_dict from its cache, so that is what is installed."""
+    import torch
+    import torchvision
+
+    import audit
+    from audit.models import fingerprint
+    bare = torch.load(scenes / "other.pt", weights_only=True)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"epoch": torch.tensor(3), "state_dict": {f"module.{k}": v for k, v in bare.items()}}, wrapped)
+    result = cli("weights", "squeezenet1_1", "--from", str(wrapped), "--no-check", env={"TORCH_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "its bare state_dict" in result.stdout
+    target = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
+    assert sorted(torch.load(target, weights_only=True)) == sorted(bare)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("MODEL_AUDIT_OFFLINE", "1")
+    expected = torchvision.models.squeezenet1_1()
+    expected.load_state_dict(bare)
+    assert audit.load_model("squeezenet1_1", weights="IMAGENET1K_V1").loaded.fingerprint == fingerprint(expected)
+
+
 def test_weights_from_refuses_a_file_of_another_architecture(scenes, tmp_path):
     assert_user_error(cli("weights", "alexnet", "--from", str(scenes / "other.pt"), "--no-check",
                           env={"TORCH_HOME": str(tmp_path)}), "does not fit alexnet", "missing keys")
