@@ -454,7 +454,7 @@ class Engine:
             gradient = layout.to_nchw(raw_grad).float()
         mapped = layout.to_nchw(activation.detach()).float()[index]
         context = cam_methods.CamContext(inputs=batch, image_of_row=rows, class_of_row=[c for _, c in pairs],
-                                         score=self._score, chunk=32)
+                                         score=self._score, chunk=16)
         with torch.no_grad():
             terms = getattr(method, "terms", None)
             if terms is not None:

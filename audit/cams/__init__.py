@@ -34,7 +34,7 @@ class CamContext:
     image_of_row: list[int]
     class_of_row: list[int]
     score: Callable[[torch.Tensor], torch.Tensor]
-    chunk: int = 32
+    chunk: int = 16
     cache: dict = field(default_factory=dict)
 
 
