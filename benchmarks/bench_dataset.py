@@ -7,6 +7,8 @@ Prints ``name=value`` lines:
   over (model load in a fresh process + N x the bare no-grad forward per image at the run's batch
   size). Target <= 1.3. ``..._no_report`` without ``--audit-report``, ``..._no_logging`` also with
   ``-p no:logging``; ``per_item_overhead_ms``: what each pytest item costs beyond the forward pass.
+* ``pytest_floor_s``: pytest alone running as many items that do nothing; ``dataset_suite_ratio_over_pytest_floor``:
+  the wall time over (ideal + that floor), what model-audit adds beyond pytest and the forward passes.
 * ``rss_ratio_10000_vs_1000``: peak RSS of the N-case run over that of a 1,000-case run. Target <= 1.2.
 * ``report_first_paint_s``: the report's first paint in headless Chromium (file://, Performance API
   ``first-paint``). Target <= 2 s.
@@ -29,6 +31,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from _environment import as_on_a_users_machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,6 +162,15 @@ def decode_costs(images: list[Path]) -> dict[str, float]:
     return out
 
 
+def pytest_floor(folder: Path, items: int) -> dict:
+    """pytest's own cost for ``items`` items that do nothing, in a fresh process, the same plugins loaded:
+    what any pytest-driven run of that many items pays before a model is loaded or an image decoded."""
+    folder.mkdir()
+    (folder / "test_floor.py").write_text(f"import pytest\n\n\n@pytest.mark.parametrize('i', range({items}))\n"
+                                          "def test_nothing(i):\n    pass\n")
+    return _bench_json([sys.executable, "-c", RUN_PYTEST, "test_floor.py", "-q", "-p", "no:cacheprovider"], folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
@@ -170,11 +183,13 @@ def main() -> None:
         small.mkdir()
         make_suite(big, args.n)
         make_suite(small, args.small)
+        as_on_a_users_machine(small / "golden.yaml")
         bare = _bench_json([sys.executable, "-c", BARE, str(args.batch_size), "2000"], REPO)
         run_small = run_suite(small, args.batch_size, "--audit-report", "report")
         run_big = run_suite(big, args.batch_size, "--audit-report", "report")
         bare_run = run_suite(big, args.batch_size)
         lean_run = run_suite(big, args.batch_size, "-p", "no:logging")
+        floor = pytest_floor(Path(tmp) / "floor", 2 * args.n + 1)
         ideal = bare["load"] + args.n * bare["forward"]
         print(f"cases={args.n}")
         print(f"suite_s={run_big['seconds']:.1f}")
@@ -182,6 +197,8 @@ def main() -> None:
         print(f"dataset_suite_ratio={run_big['seconds'] / ideal:.2f}")
         print(f"dataset_suite_ratio_no_report={bare_run['seconds'] / ideal:.2f}")
         print(f"dataset_suite_ratio_no_report_no_logging={lean_run['seconds'] / ideal:.2f}")
+        print(f"pytest_floor_s={floor['seconds']:.1f}")
+        print(f"dataset_suite_ratio_over_pytest_floor={run_big['seconds'] / (ideal + floor['seconds']):.2f}")
         print(f"per_item_overhead_ms={(bare_run['seconds'] - ideal) * 1000 / (2 * args.n + 1):.2f}")
         print(f"rss_mb_{args.n}_no_report={bare_run['maxrss_kb'] / 1024:.0f}")
         print(f"rss_mb_{args.n}={run_big['maxrss_kb'] / 1024:.0f}")

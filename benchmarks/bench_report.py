@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from _environment import as_on_a_users_machine
 from audit.report import feature_grid
 
 
@@ -62,6 +63,7 @@ def bench_report_share(n_cases: int = 100, pairs: int = 5) -> dict[str, float]:
                           "focus": {"region": {"box": list(scene.box)}, "min_energy": 0.1},
                           "features": ["features.1"]})
         (root / "r.yaml").write_text(yaml.safe_dump({"model": {"arch": "shapes_vgg"}, "cases": cases}))
+        as_on_a_users_machine(root / "r.yaml")
         create_ms = file_create_ms(root / "probe")
 
         def timed(*extra: str) -> float:
@@ -142,6 +144,7 @@ def bench_report_300(n_cases: int = 300, loads: int = 5) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shapes_spec(root, n_cases)
+        as_on_a_users_machine(root / "r.yaml")
         run = subprocess.run([sys.executable, "-m", "pytest", "r.yaml", "-q", "-p", "no:cacheprovider",
                               "--audit-report", "rep"], cwd=root, capture_output=True, text=True, check=False)
         index = root / "rep" / "index.html"
