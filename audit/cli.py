@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -536,25 +537,16 @@ def _spec_files(items: Sequence[str]) -> list[Path]:
     return files
 
 
-@dataclass
-class _Item:
-    spec_path: Path
-    case: Any
-    preprocess: str
-    model: Any   # the spec's ModelSpec
-
-
-def _collect_cases(files: Sequence[Path]) -> tuple[list[_Item], list[str]]:
+def _load_specs(files: Sequence[Path]) -> tuple[list[Any], list[str]]:
+    """The specs, read by the plugin's own loader (YAML cases and every case source, ``dataset:`` included),
+    and a line for each case that cannot run."""
     from audit.spec import load_spec
-    items, skipped = [], []
+    specs, skipped = [], []
     for f in files:
         spec = load_spec(f)
-        for case in spec.cases:
-            if case.error is not None:
-                skipped.append(f"{f}: case {case.id}: {case.error}")
-            else:
-                items.append(_Item(Path(f), case, spec.model.preprocess, spec.model))
-    return items, skipped
+        specs.append(spec)
+        skipped += [f"{f}: case {case.id}: {case.error}" for case in spec.cases if case.error is not None]
+    return specs, skipped
 
 
 def _top(r: Any) -> dict[str, Any]:
@@ -564,18 +556,47 @@ def _top(r: Any) -> dict[str, Any]:
 SPEC_MODEL = "spec"
 
 
-def _choice_for(text: str, labels: str | None, item: _Item) -> ModelChoice:
-    """The model one side runs on this case: ``spec`` is the spec's own model block (weights or
-    checkpoint, labels, seed); any other model uses the spec's ``labels:`` when it has the spec's
-    architecture and no labels of its own were given (a fine-tuned checkpoint keeps its classes)."""
-    m = item.model
+def _choice_for(text: str, labels: str | None, spec: Any) -> ModelChoice | None:
+    """The model one side runs on a spec's cases; None for ``spec``: the spec's own model block, exactly
+    as the plugin runs it (weights or checkpoint, labels, seed, preprocess, CAM layer and method). Any
+    other model uses the spec's ``labels:`` when it has the spec's architecture and no labels of its own
+    were given (a fine-tuned checkpoint keeps its classes)."""
+    m = spec.model
     if text.strip().lower() == SPEC_MODEL:
-        return ModelChoice(m.arch, m.weights, str(m.checkpoint) if m.checkpoint else None,
-                           str(m.labels) if m.labels else None, m.seed, f"spec {item.spec_path.name}: {m.arch}")
+        return None
     choice = parse_model(text, labels)
     if choice.labels is None and m.labels is not None and choice.arch == m.arch:
-        return ModelChoice(choice.arch, choice.weights, choice.checkpoint, str(m.labels), choice.seed, choice.text)
+        return dataclasses.replace(choice, labels=str(m.labels))
     return choice
+
+
+def _side_model(choice: ModelChoice | None, cam_layer: str | None, spec: Any) -> Any:
+    """The ``ModelSpec`` a side runs: the spec's own, or the chosen model with the spec's preprocessing
+    (and its CAM layer and method when the architecture is the spec's); ``--a-cam-layer`` wins."""
+    m = spec.model
+    if choice is not None:
+        random_init = choice.weights is None and choice.checkpoint is None
+        same_arch = choice.arch == m.arch
+        m = dataclasses.replace(
+            m, arch=choice.arch, weights=choice.weights,
+            checkpoint=Path(choice.checkpoint).resolve() if choice.checkpoint else None,
+            labels=Path(choice.labels).resolve() if choice.labels else None,
+            seed=(choice.seed if choice.seed is not None else defaults.SEED) if random_init else None,
+            cam_layer=m.cam_layer if same_arch else None, cam_method=m.cam_method if same_arch else None)
+    return dataclasses.replace(m, cam_layer=cam_layer) if cam_layer else m
+
+
+def _side_error(side: str, text: str, choice: ModelChoice | None, exc: AuditError) -> AuditError:
+    """A side's model that cannot load or explain: one line naming the side (a spec's own model block
+    keeps the spec line the session located it at)."""
+    from audit.errors import SpecError, WeightsUnavailable
+
+    message = exc.message if isinstance(exc, SpecError) and choice is not None else str(exc)
+    if choice is not None and choice.checkpoint is None and choice.weights is not None and \
+            ("not available offline" in message or isinstance(exc, WeightsUnavailable)):
+        message += (f"; to install a file downloaded elsewhere: {PROG} weights {choice.arch} --weights "
+                    f"{choice.weights} --from FILE")
+    return AuditError(f"--{side.lower()} {text}: {message}")
 
 
 @dataclass(frozen=True)
@@ -608,66 +629,84 @@ def _fail_on(text: str) -> FailOn:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Two models on the same cases, through the plugin's own session: cases from the spec loader (any
+    case source), models loaded once each, images explained in batches that share preprocessing, CAM
+    layer and method, regions masked as the plugin masks them; the page is the report's."""
     from audit import baselines, checks
+    from audit.registry import Registry
+    from audit.report.compare import write_compare
+    from audit.session import AuditSession, CaseRef
 
     files = _spec_files(args.specs)
-    items, skipped = _collect_cases(files)
-    for line in skipped:
-        _say(f"{PROG}: skipped {line.splitlines()[0]}", err=True)
-    if not items:
+    specs, skipped = _load_specs(files)
+    cases = [(spec, case) for spec in specs for case in spec.cases if case.error is None]
+    if not cases:
+        for line in skipped:
+            _say(f"{PROG}: skipped {line.splitlines()[0]}", err=True)
         raise AuditError("no usable case in " + ", ".join(map(str, files)))
-    _check_images([str(i.case.image) for i in items])
+    _check_images([str(case.image) for _, case in cases])
     _output_folder(args.out, "--out")   # before either model runs
     sides = {"A": (args.a, args.a_labels, args.a_cam_layer), "B": (args.b, args.b_labels, args.b_cam_layer)}
-    choice_of = {(k, n): _choice_for(text, labels, item)
-                 for k, (text, labels, _) in sides.items() for n, item in enumerate(items)}
-    engines: dict[ModelChoice, Any] = {}
-    for choice in dict.fromkeys(choice_of.values()):
-        engines[choice] = choice.load(args.device)
-    for k, (_, _, layer) in sides.items():
-        if layer:
-            for n in range(len(items)):
-                engines[choice_of[k, n]].resolve_layer(layer)
-    explained: dict[tuple[str, int], Any] = {}
-    groups: dict[tuple, list[int]] = {}
-    for k in sides:
-        for n, item in enumerate(items):
-            groups.setdefault((k, choice_of[k, n], item.preprocess), []).append(n)
-    for (k, choice, preprocess), idx in groups.items():
-        found = _explain(engines[choice], [str(items[n].case.image) for n in idx], args.quiet, args.batch_size,
-                         top_k=5, cam_layer=sides[k][2], preprocess=preprocess)
-        for n, e in zip(idx, found):
-            explained[k, n] = e
-    rows = []
-    for n, item in enumerate(items):
-        ea, eb = explained["A", n], explained["B", n]
+    # the explanations only: no check kind runs (they would ask for perturbed variants nobody reads)
+    session = AuditSession(device=args.device, batch_size=args.batch_size,
+                           registry=Registry.default().with_check_kinds())
+    choices = {(k, spec.path): _choice_for(text, labels, spec) for k, (text, labels, _) in sides.items() for spec in specs}
+    side_specs = {(k, spec.path): dataclasses.replace(spec, model=_side_model(choices[k, spec.path], sides[k][2], spec))
+                  for k in sides for spec in specs}
+    for (k, path), spec in side_specs.items():   # every model loads (or fails, in one line) before any image
+        try:
+            engine = session.engine(spec.model)   # loaded once per model, whatever the CAM layer
+            if spec.model.cam_layer:
+                engine.resolve_layer(spec.model.cam_layer)
+        except AuditError as exc:
+            raise _side_error(k, sides[k][0], choices[k, path], exc) from None
+    refs = {(k, n): CaseRef(f"{k}::{spec.path}::{case.id}", side_specs[k, spec.path], case)
+            for k in sides for n, (spec, case) in enumerate(cases)}
+    session.schedule([(ref, 1) for ref in refs.values()])
+    observed: dict[tuple[str, int], Any] = {}
+    for key, ref in _progress(refs.items(), len(refs), "explain", args.quiet):
+        try:
+            observed[key] = session.observe(ref.nodeid)
+        except AuditError as exc:   # this case's image or layer: the others still compare
+            skipped.append(f"{ref.spec.path}: case {ref.case.id}: {exc}")
+    for line in dict.fromkeys(skipped):   # a bad image is one line, not one per side
+        _say(f"{PROG}: skipped {line.splitlines()[0]}", err=True)
+    usable = [n for n in range(len(cases)) if ("A", n) in observed and ("B", n) in observed]
+    if not usable:
+        raise AuditError("no case could be explained by both models in " + ", ".join(map(str, files)))
+    rows, pictures = [], {}
+    for n in usable:
+        spec, case = cases[n]
+        oa, ob = observed["A", n], observed["B", n]
+        ea, eb = oa.explanation, ob.explanation
         ta, tb = ea.top_k[0], eb.top_k[0]
         prob_b = float(eb.probs[ta.index]) if eb.probs is not None and ta.index < len(eb.probs) else None
         energy_a = energy_b = None
         region_desc, region_error, outlines, avoid = None, None, None, None
-        focus = item.case.checks.get("focus")
+        focus = case.checks.get("focus")
         if focus is not None and focus.region:
             region_desc = focus.region.describe()
             try:
-                mask = focus.region.mask(ea.image_size, item.spec_path.parent)
-                outlines = focus.region.outline(ea.image_size, item.spec_path.parent)
+                mask = session.region_mask(oa, focus.region, "focus.region")
+                outlines = focus.region.outline(ea.image_size, Path(spec.path).parent)
                 energy_a = checks.energy_inside(ea.cams[ta.index], mask)
                 energy_b = checks.energy_inside(eb.cams[tb.index], mask)
             except AuditError as exc:
                 region_error = str(exc)
         if focus is not None and focus.avoid:
             with contextlib.suppress(AuditError):
-                avoid = focus.avoid.outline(ea.image_size, item.spec_path.parent)
-        rows.append({"spec": str(item.spec_path), "case_id": str(item.case.id), "image": str(item.case.image),
-                     "line": item.case.location.line,
-                     "model_a": choice_of["A", n].text, "model_b": choice_of["B", n].text,
-                     "top1_a": _top(ta), "top1_b": _top(tb), "flip": ta.index != tb.index,
-                     "top_k_a": [_top(r) for r in ea.top_k[:5]], "top_k_b": [_top(r) for r in eb.top_k[:5]],
-                     "prob_of_a_top1_under_b": prob_b,
-                     "heatmap_correlation": baselines.pearson(ea.cams_lowres[ta.index], eb.cams_lowres[tb.index]),
-                     "region": region_desc, "region_error": region_error, "energy_a": energy_a, "energy_b": energy_b,
-                     "avoid": focus.avoid.describe() if focus is not None and focus.avoid else None,
-                     "_ea": ea, "_eb": eb, "_outlines": outlines, "_avoid": avoid})
+                avoid = focus.avoid.outline(ea.image_size, Path(spec.path).parent)
+        row = {"spec": str(spec.path), "case_id": str(case.id), "image": str(case.image),
+               "line": case.location.line,
+               "model_a": _side_text(choices["A", spec.path], spec), "model_b": _side_text(choices["B", spec.path], spec),
+               "top1_a": _top(ta), "top1_b": _top(tb), "flip": ta.index != tb.index,
+               "top_k_a": [_top(r) for r in ea.top_k[:5]], "top_k_b": [_top(r) for r in eb.top_k[:5]],
+               "prob_of_a_top1_under_b": prob_b,
+               "heatmap_correlation": baselines.pearson(ea.cams_lowres[ta.index], eb.cams_lowres[tb.index]),
+               "region": region_desc, "region_error": region_error, "energy_a": energy_a, "energy_b": energy_b,
+               "avoid": focus.avoid.describe() if focus is not None and focus.avoid else None}
+        rows.append(row)
+        pictures[id(row)] = (oa.image, ea.cam, eb.cam, ea.geometry.seen_box, eb.geometry.seen_box, outlines, avoid)
     rows.sort(key=lambda r: (not r["flip"], r["heatmap_correlation"]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
@@ -677,13 +716,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verdicts.append({"rule": rule.text, "passed": not broken, "cases": [r["case_id"] for r in broken]})
         for r in broken:
             r.setdefault("broken", []).append(rule.text)
-    models = {k: sorted({choice_of[k, n].text for n in range(len(items))}) for k in sides}
-    sources = {k: sorted({engines[choice_of[k, n]].loaded.source for n in range(len(items))}) for k in sides}
-    fingerprints = {k: sorted({engines[choice_of[k, n]].loaded.fingerprint for n in range(len(items))}) for k in sides}
-    summary = {k: {"given": ", ".join(models[k]), "source": "; ".join(sources[k]),
-                   "fingerprint": ", ".join(f[:12] for f in fingerprints[k])} for k in sides}
+    summary = {}
+    for k in sides:
+        models = [side_specs[k, spec.path].model for spec in specs]
+        loaded = [session.engine(m).loaded for m in models]
+        summary[k] = {"given": ", ".join(sorted({_side_text(choices[k, spec.path], spec) for spec in specs})),
+                      "source": "; ".join(sorted({e.source for e in loaded})),
+                      "fingerprint": ", ".join(f[:12] for f in sorted({e.fingerprint for e in loaded}))}
     _print_compare(rows, summary)
-    out = _write_compare(Path(args.out), rows, summary, verdicts, args)
+    out = write_compare(Path(args.out), rows, summary, verdicts, lambda row: pictures[id(row)], args.colormap,
+                        lambda items, total: _progress(items, total, "pictures", args.quiet))
     _say(f"\nreport: {out / 'index.html'}")
     failed = [v for v in verdicts if not v["passed"]]
     for v in verdicts:
@@ -693,6 +735,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _say(f"{PROG} compare: --fail-on {v['rule']}: {'FAILED' if not v['passed'] else 'passed'} ({detail})",
              err=not v["passed"])
     return 1 if failed else 0
+
+
+def _side_text(choice: ModelChoice | None, spec: Any) -> str:
+    """How a side's model is named in the table and the page."""
+    return f"spec {Path(spec.path).name}: {spec.model.arch}" if choice is None else choice.text
 
 
 def _print_compare(rows: list[dict], summary: dict) -> None:
@@ -712,60 +759,6 @@ def _print_compare(rows: list[dict], summary: dict) -> None:
         eb = "-" if r["energy_b"] is None else f"{r['energy_b']:.2f}"
         _say(f"{r['rank']:>4}  {r['case_id']:<{wid}}  {name(r['top1_a']):<{wa}}  {name(r['top1_b']):<{wb}}  "
              f"{'FLIP' if r['flip'] else 'no':<4}  {r['heatmap_correlation']:>11.3f}  {ea:>8}  {eb:>8}")
-
-
-def _write_compare(out_dir: Path, rows: list[dict], summary: dict, verdicts: list[dict],
-                   args: argparse.Namespace) -> Path:
-    """The compare page: the report's cards (its macros, CSS, filters and search), two models per card."""
-    import secrets
-
-    from audit import report
-    from audit.images import load_image
-
-    report.check_writable(out_dir)
-    run_id, asset_dir = report.new_run_dir(out_dir)
-    for row in _progress(rows, len(rows), "pictures", args.quiet):
-        image = load_image(row["image"])
-        stem = f"{row['spec']}::{row['case_id']}"
-        ea, eb = row["_ea"], row["_eb"]
-        a = report.render_case_assets(asset_dir, stem + "::A", image, ea.cam, row["_outlines"], row["_avoid"],
-                                      ea.geometry.seen_box, {}, {}, colormap=args.colormap)
-        b = report.render_case_assets(asset_dir, stem + "::B", image, eb.cam, row["_outlines"], row["_avoid"],
-                                      eb.geometry.seen_box, {}, {}, colormap=args.colormap)
-        row["assets"] = {"image": a["image"], "image_thumb": a["image_thumb"], "overlay_a": a["overlay"],
-                         "overlay_a_thumb": a["overlay_thumb"], "overlay_b": b["overlay"],
-                         "overlay_b_thumb": b["overlay_thumb"], "colorbar": a["colorbar"]}
-        row["sizes"] = {**a["sizes"], **b["sizes"]}
-    report.flush_assets()
-    assets = report._Assets(out_dir, False, {k: v for r in rows for k, v in r["sizes"].items()})
-    public = [{k: v for k, v in r.items() if not k.startswith("_") and k != "sizes"} for r in rows]
-    cards = []
-    for row in public:
-        a = row["assets"]
-        cards.append({**row, "outcome": "flip" if row["flip"] else "same",
-                      "search": " ".join([row["case_id"], row["spec"], row["top1_a"]["label"], row["top1_b"]["label"],
-                                          row["model_a"], row["model_b"]]).lower(),
-                      "anchor": "case-" + report.safe_stem(f"{row['spec']}::{row['case_id']}"),
-                      "picture": assets.picture(a["image"], a["image_thumb"]),
-                      "overlay_a": assets.picture(a["overlay_a"], a["overlay_a_thumb"]),
-                      "overlay_b": assets.picture(a["overlay_b"], a["overlay_b_thumb"]),
-                      "colorbar": assets.picture(a["colorbar"]),
-                      "rows_a": [{**t, "expected": t["index"] == row["top1_b"]["index"] and row["flip"], "beyond_k": False}
-                                 for t in row["top_k_a"]],
-                      "rows_b": [{**t, "expected": t["index"] == row["top1_a"]["index"] and row["flip"], "beyond_k": False}
-                                 for t in row["top_k_b"]]})
-    created = _dt.datetime.now().isoformat(timespec="seconds")
-    payload = {"schema_version": 2, "run_id": run_id, "created": created, "a": summary["A"], "b": summary["B"],
-               "fail_on": verdicts, "cases": public}
-    html = report._env().get_template("compare.html").render(
-        a=summary["A"], b=summary["B"], cases=cards, flips=sum(r["flip"] for r in public), created=created,
-        run_id=run_id, verdicts=verdicts, nonce=secrets.token_urlsafe(12))
-    atomic_write_bytes(out_dir / "compare.json", (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
-    atomic_write_bytes(out_dir / "index.html", html.encode("utf-8"))
-    for child in (out_dir / "assets").iterdir():
-        if child.is_dir() and report.RUN_ID_PATTERN.match(child.name) and child.name != run_id:
-            shutil.rmtree(child, ignore_errors=True)
-    return out_dir
 
 
 # ------------------------------------------------------------------------------------------ parser

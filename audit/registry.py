@@ -47,6 +47,19 @@ class Registry:
             registry.add_cam_method(method)
         return registry
 
+    def with_check_kinds(self, *names: str) -> "Registry":
+        """A copy holding only the named check kinds (and every CAM method, case source and model): a
+        session of it observes the cases without the other kinds' variants or follow-up images."""
+        unknown = [n for n in names if n not in self.check_kinds]
+        if unknown:
+            raise UnknownNameError("check kind", unknown[0], closest(unknown[0], self.check_kinds))
+        copy = Registry()
+        copy.check_kinds = {n: k for n, k in self.check_kinds.items() if n in names}
+        copy.cam_methods = dict(self.cam_methods)
+        copy.case_sources = dict(self.case_sources)
+        copy.models = dict(self.models)
+        return copy
+
     # -- adding ----------------------------------------------------------------------------------------
     def add_check_kind(self, kind: Any) -> None:
         """Add a check kind (an ``audit.kinds.CheckKind``); its ``name`` becomes the item name."""

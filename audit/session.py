@@ -437,6 +437,13 @@ class AuditSession:
             needs.append(kind.needs(prepared[kind.name]))
         return ref, image, prepared, needs
 
+    def region_mask(self, observation: Observation, region: Any, key: str) -> Any:
+        """``region``'s mask on an observed case's image, as the check kinds get it (a region wholly outside
+        what the model sees is a ``SpecError`` at the case's line): for callers outside the kinds
+        (``model-audit compare``)."""
+        engine = self.engine(observation.ref.model)
+        return _CaseModel(engine, observation.ref, observation.image, self.run).mask(region, key)
+
     # -- checks -------------------------------------------------------------------------------------
     def check(self, kind_name: str, observation: Observation):
         """Run one check kind on an observation (pure: nothing here touches torch)."""

@@ -334,3 +334,47 @@ def test_run_adds_the_report_folder_unless_given(monkeypatch):
     assert main(["run", "a.yaml", "b.yaml", "--report", "r/"]) == 3
     assert calls == [["specs/", "--audit-report", "reports/", "-k", "circle"], ["specs/", "--audit-report=out/"],
                      ["a.yaml", "b.yaml", "--audit-report", "r/"]]
+
+
+# ------------------------------------------------------------------- compare through the session
+
+def test_compare_reads_a_dataset_spec_through_its_case_source(tmp_path):
+    """A COCO golden set: one compared case per image, its annotated box as the region (the energies),
+    the spec's own model against the shortcut twin."""
+    from audit.zoo.make_dataset import write_dataset
+    from audit.zoo.scenes import SEED_RANGES
+
+    if not ZOO_READY:
+        pytest.skip("zoo weights not built")
+    write_dataset(tmp_path / "set", 6, "coco", first_seed=SEED_RANGES["tests"][0] + 760_000, marker=True)
+    (tmp_path / "golden.yaml").write_text(
+        "model: {arch: shapes_vgg}\n"
+        "dataset:\n  coco: set/annotations/instances.json\n  images: set/images\n  annotation: bbox\n"
+        "defaults:\n  expect: {top1_is_label: true}\n  focus: {region: annotation, min_energy: 0.4}\n")
+    out = tmp_path / "cmp"
+    result = cli("compare", str(tmp_path / "golden.yaml"), "--b", "shapes_vgg_shortcut", "--out", str(out), "-q")
+    images = {p.stem for p in (tmp_path / "set" / "images").iterdir()}
+    cases = _compare_and_check(result, out, {c for c in images})
+    assert all(c["region"] and c["energy_a"] is not None and c["energy_b"] is not None for c in cases)
+    assert {c["model_a"] for c in cases} == {"spec golden.yaml: shapes_vgg"}
+
+
+def test_compare_skips_a_case_whose_image_is_broken_and_compares_the_others(scenes, tmp_path):
+    spec = yaml.safe_load((scenes / "spec.yaml").read_text())
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    spec["cases"].append({"id": "broken", "image": str(tmp_path / "broken.png")})
+    for case in spec["cases"]:
+        case["image"] = str((scenes / case["image"]).resolve()) if not Path(case["image"]).is_absolute() \
+            else case["image"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "cmp"
+    result = cli("compare", str(tmp_path / "spec.yaml"), "--a", "squeezenet1_1:none", "--b", "squeezenet1_1:none",
+                 "--out", str(out), "-q")
+    _compare_and_check(result, out, {"ring-0", "triangle-1", "ring-2"})
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "case broken" in skipped[0], result.stderr   # one line, not one per side
+
+
+def test_compare_names_the_side_whose_model_does_not_load(scenes):
+    assert_user_error(cli("compare", str(scenes / "spec.yaml"), "--b", "squeezenet1_1:none", "--b-cam-layer",
+                          "features.99"), "--b squeezenet1_1:none", "features.99")

@@ -52,3 +52,16 @@ def test_user_registrations_do_not_outlive_the_session(pytester, example):
 
     fresh = Registry.default()
     assert "margin" not in fresh.check_kinds and "eigencam" not in fresh.cam_methods
+
+
+def test_a_registry_restricted_to_some_check_kinds_keeps_every_other_part():
+    from audit.errors import UnknownNameError
+    from audit.registry import Registry
+
+    full = Registry.default()
+    only = full.with_check_kinds("prediction")
+    assert list(only.check_kinds) == ["prediction"] and only.cam_methods == full.cam_methods
+    assert only.case_sources == full.case_sources and list(full.check_kinds) != ["prediction"]
+    assert full.with_check_kinds().check_kinds == {}
+    with pytest.raises(UnknownNameError, match="focus"):
+        full.with_check_kinds("focsu")
