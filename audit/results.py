@@ -38,7 +38,7 @@ class ResultCollector:
         self.run_id = run_id
         self.is_worker = is_worker
         self.started = time.time()
-        self.cases: dict[str, dict] = {}
+        self.cases = CaseStore()
         self.stats: dict[str, float] = {}
         self.models: dict[str, dict] = {}
         self.skip_reasons: dict[str, int] = {}
@@ -140,17 +140,19 @@ class ResultCollector:
             if placeholder is None or (report.passed and report.when != "call"):
                 return
             props = {CASE_PROP: json.dumps(placeholder)}
-        case = _case_from_json(props[CASE_PROP])
-        stored = self.cases.setdefault(case["nodeid"], {**case, "checks": []})
-        if case.get("kinds") and not stored.get("kinds"):
-            stored["kinds"] = case["kinds"]
-        if stored.get("placeholder") and not case.get("placeholder"):   # the real record arrived
-            stored.update({k: v for k, v in case.items() if k != "checks"})
-            stored.pop("placeholder", None)
-        if case.get("assets") and not stored.get("assets"):
-            stored.update({k: v for k, v in case.items() if k != "checks"})
-        if case.get("error") and not stored.get("error"):
-            stored["error"] = case["error"]
+        text = props[CASE_PROP]
+        case = _case_from_json(text)
+        stored = self.cases.get(case["nodeid"])
+        if stored is None:
+            stored = self.cases.add(case["nodeid"], text, case)
+        if case.get("kinds") and not stored.has("kinds"):
+            stored.overrides["kinds"] = case["kinds"]
+        if stored.has("placeholder") and not case.get("placeholder"):   # the real record arrived
+            stored.rebase(text, case)
+        if case.get("assets") and not stored.has("assets"):
+            stored.rebase(text, case)
+        if case.get("error") and not stored.has("error"):
+            stored.overrides["error"] = case["error"]
         kind = report.nodeid.rsplit("::", 1)[-1]
         if report.when == "setup" and report.outcome == "passed":
             return
@@ -169,7 +171,7 @@ class ResultCollector:
             reason = _skip_reason(report)
             message = reason
             self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
-        stored["checks"].append({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
+        stored.checks.append({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
                                  "metrics": check.get("metrics", []), "duration_s": report.duration,
                                  "nodeid": report.nodeid, **({"data": check["data"]} if check.get("data") else {})})
 
@@ -181,17 +183,14 @@ class ResultCollector:
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(OUTCOMES, 0)
-        for case in self.cases.values():
-            for check in case["checks"]:
+        for stored in self.cases:
+            for check in stored.checks:
                 counts[check["outcome"]] += 1
         return {k: v for k, v in counts.items() if v or k in OUTCOMES[:4]}   # xfail counts only when any
 
-    def case_list(self) -> list[dict]:
-        cases = []
-        for case in self.cases.values():
-            outcomes = [c["outcome"] for c in case["checks"]] or ["error" if case.get("error") else "skipped"]
-            cases.append({**case, "outcome": max(outcomes, key=_ORDER.__getitem__)})
-        return cases
+    def case_list(self) -> "CaseList":
+        """Every case as ``results.json`` and the page show it, parsed one at a time when read."""
+        return CaseList(list(self.cases))
 
     def finish(self, config: pytest.Config, session: pytest.Session) -> None:
         """Write results.json and the HTML report (controller only); a failure here never hides results."""
@@ -227,14 +226,14 @@ class ResultCollector:
         from audit.spec import load_spec
 
         specs = []
-        for path in dict.fromkeys(c["spec"] for c in self.cases.values() if c.get("spec")):
+        for path in dict.fromkeys(stored.spec for stored in self.cases if stored.spec):
             try:
                 specs.append(load_spec(path, self.session.registry))
             except (AuditError, OSError):
                 continue
         lines: list[str] = []
         for kind in self.session.registry.kinds():
-            checks = [ch for c in self.cases.values() for ch in c["checks"] if ch.get("kind") == kind.name]
+            checks = [ch for stored in self.cases for ch in stored.checks if ch.get("kind") == kind.name]
             lines += kind.summary(checks, specs, self.session.run)
         return lines
 
@@ -260,6 +259,77 @@ class ResultCollector:
             lines.append(f"model-audit: the report could not be written ({self.report_error}); "
                          f"the previous report was left in place and this run exits non-zero")
         return lines
+
+
+class StoredCase:
+    """One case on the controller: the JSON text of its record (the very string its reports carry, so
+    holding it costs nothing pytest does not already hold), the fields later records changed, and the
+    checks the controller adds. Parsing every record at once held ~10 KB per case (tracemalloc, 1,500
+    cases): a 10,000-case golden set's memory then grew with N; this grows by a few hundred bytes."""
+
+    __slots__ = ("text", "overrides", "checks", "spec", "_set")
+
+    def __init__(self, text: str, case: dict) -> None:
+        self.checks: list[dict] = []
+        self.spec = case.get("spec")
+        self.rebase(text, case)
+
+    def rebase(self, text: str, case: dict) -> None:
+        """Take every field (but the checks) from this record, as ``dict.update`` would."""
+        self.text = text
+        self.overrides: dict[str, Any] = {}
+        self._set = {key for key in ("kinds", "assets", "error", "placeholder") if case.get(key)}
+
+    def has(self, key: str) -> bool:
+        """Whether the case's ``key`` is set (truthy)."""
+        return bool(self.overrides[key]) if key in self.overrides else key in self._set
+
+    def as_dict(self) -> dict:
+        return {**_case_from_json(self.text), **self.overrides, "checks": self.checks}
+
+
+class CaseStore:
+    """The run's cases by node id, in the order their first report came."""
+
+    def __init__(self) -> None:
+        self._cases: dict[str, StoredCase] = {}
+
+    def get(self, nodeid: str) -> StoredCase | None:
+        return self._cases.get(nodeid)
+
+    def add(self, nodeid: str, text: str, case: dict) -> StoredCase:
+        stored = self._cases[nodeid] = StoredCase(text, case)
+        return stored
+
+    def __iter__(self):
+        return iter(self._cases.values())
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def values(self) -> list[dict]:
+        """Every case as a dict (parsed now: for tests and small runs; the page reads ``CaseList``)."""
+        return [stored.as_dict() for stored in self._cases.values()]
+
+
+class CaseList:
+    """The cases of ``results.json`` and the page, each parsed when it is read, never all at once: the
+    page streams (a first pass for its table and summaries, then one card at a time)."""
+
+    def __init__(self, stored: list[StoredCase]) -> None:
+        self._stored = stored
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self._stored[index].as_dict()
+        outcomes = [c["outcome"] for c in case["checks"]] or ["error" if case.get("error") else "skipped"]
+        case["outcome"] = max(outcomes, key=_ORDER.__getitem__)
+        return case
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _n(count: int, singular: str, plural: str | None = None) -> str:

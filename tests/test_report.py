@@ -363,12 +363,12 @@ def test_render_case_assets_upscales_tiny_scenes_so_qa_can_see_them(report_dir):
     R.flush_assets()  # pictures are written on a background thread
     with Image.open(out / a["image"]) as im:   # outlines drawn at twice the size, so they stay thin
         assert im.size == (128, 128)
-    shown = R._Assets(out, self_contained=False).picture(a["image"], a["image_thumb"])
+    shown = report_page._Assets(out, self_contained=False).picture(a["image"], a["image_thumb"])
     assert (shown["width"], shown["height"], shown["pixelated"]) == (256, 256, True)
     for key in ["heatmap", "overlay"]:          # kept at the scene's size, scaled up by the page
         with Image.open(out / a[key]) as im:
             assert im.size == (64, 64)
-        shown = R._Assets(out, self_contained=False).picture(a[key], a[f"{key}_thumb"])
+        shown = report_page._Assets(out, self_contained=False).picture(a[key], a[f"{key}_thumb"])
         assert (shown["width"], shown["height"], shown["pixelated"]) == (256, 256, True)
     assert a["grids"] == {}
     assert a["kinds"] == {}
@@ -484,7 +484,7 @@ def test_the_page_is_compiled_once_and_then_read_from_jinja2s_cache(tmp_path, mo
     for _ in range(2):
         monkeypatch.setattr(report_page, "_ENV", None)
         monkeypatch.setattr(report_page, "_template_cache", lambda: cache)
-        R._env().get_template("report.html")
+        report_page._env().get_template("report.html")
     assert compiled.count("report.html") == 1        # the second environment loaded it from the cache
     assert list(tmp_path.iterdir())
 
@@ -500,12 +500,12 @@ def test_a_cache_that_cannot_be_written_or_read_is_skipped(tmp_path, monkeypatch
     monkeypatch.setattr(jinja2.bccache.tempfile, "NamedTemporaryFile", no_space)
     monkeypatch.setattr(report_page, "_template_cache", lambda: cache)
     monkeypatch.setattr(report_page, "_ENV", None)
-    assert R._env().get_template("report.html").render   # compiled, and the failed write was skipped
+    assert report_page._env().get_template("report.html").render   # compiled, and the failed write was skipped
     (tmp_path / "entry").write_bytes(b"x")
     monkeypatch.setattr(cache, "_get_cache_filename", lambda bucket: str(tmp_path / "entry"))
     monkeypatch.setattr(jinja2.bccache.Bucket, "load_bytecode", no_space)
     monkeypatch.setattr(report_page, "_ENV", None)
-    assert R._env().get_template("report.html").render   # a cache entry that cannot be read is skipped
+    assert report_page._env().get_template("report.html").render   # a cache entry that cannot be read is skipped
 
 
 def test_check_writable_creates_the_folder(tmp_path):
@@ -812,3 +812,34 @@ def test_per_class_summary_counts_top1_and_focus_per_expected_class(report_dir):
     table = next(t for t in root.iter("table") if t.has_class("classes"))
     rows = [[td.all_text().strip() for td in tr.iter("td")] for tr in next(table.iter("tbody")).iter("tr")]
     assert rows == [["circle", "2", "2/2", "1/2", "0.56"]]
+
+
+def test_results_json_streamed_a_case_at_a_time_is_the_whole_documents_json():
+    run = {"args": ["specs/"], "duration_s": 1.5}
+    cases = [{"case_id": "a", "checks": [{"metrics": [{"value": 0.25}]}]}, {"case_id": "b", "label": "é"}]
+    whole = json.dumps({"schema_version": R.SCHEMA_VERSION, "run": run, "cases": cases}, ensure_ascii=False)
+    assert R._results_json(run, cases) == whole
+    assert json.loads(R._results_json(run, [])) == {"schema_version": R.SCHEMA_VERSION, "run": run, "cases": []}
+
+
+def test_the_page_reads_cases_one_at_a_time_from_a_lazy_sequence(report_dir):
+    """What the controller hands write_report parses a case when it is read: the page takes any sequence
+    and reads each case only while it needs it (a first pass for the table, then one card at a time)."""
+    out, asset_dir, run_id = report_dir
+    built = three_cases(asset_dir)
+    reads: list[int] = []
+
+    class Lazy:
+        def __len__(self):
+            return len(built)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return json.loads(json.dumps(built[i]))
+
+        def __iter__(self):
+            return (self[i] for i in range(len(self)))
+
+    root = parse(R.write_report(out, run_dict(), Lazy(), run_id))
+    assert len(cards(root)) == 3
+    assert sorted(reads) == sorted([0, 1, 2] * 3)   # results.json, the table pass, the card pass

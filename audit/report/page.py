@@ -20,7 +20,7 @@ import secrets
 import statistics
 from pathlib import Path
 from urllib.parse import quote
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -434,17 +434,57 @@ def _expected_class(case: Mapping[str, Any], labels: Mapping[int, str]) -> str |
     return None
 
 
-def _views(cases: Iterable[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
-    """Card views in the page's default order: failures first, then errors, skips, passes; within an
-    outcome the smallest worst margin first (the case nearest to failing leads)."""
-    views = [_case_view(case, assets) for case in cases]
-    rank = {"failed": 0, "error": 1, "skipped": 2, "passed": 3}
+_RANK = {"failed": 0, "error": 1, "skipped": 2, "passed": 3}
 
-    def key(v: dict[str, Any]) -> tuple:
-        margins = [k for _, k in v["worst"].values() if k != NO_MARGIN]
-        return rank.get(v["outcome"], 1), min(margins) if margins else 1e9
-    views.sort(key=key)
-    return views
+
+def _order_key(view: Mapping[str, Any]) -> tuple:
+    """The page's default order: failures first, then errors, skips, passes; within an outcome the
+    smallest worst margin first (the case nearest to failing leads)."""
+    margins = [k for _, k in view["worst"].values() if k != NO_MARGIN]
+    return _RANK.get(view["outcome"], 1), min(margins) if margins else 1e9
+
+
+class _NoPictures:
+    """The picture views of the first pass: nothing is read or encoded for a row of the case table."""
+
+    def picture(self, rel: str | None, thumb_rel: str | None = None) -> None:
+        return None
+
+
+#: what the case table, the filter counts and the class summary read of a case's view
+_ROW_KEYS = ("anchor", "outcome", "search", "top1", "worst", "duration", "expected_class", "energy")
+
+
+def _rows(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The first pass: one small row per case (the table, the counts, the class summary), in the page's
+    order, with the case's index for the second pass. Nothing else of a case is kept, so the page's
+    memory does not grow with the cases' records, pictures or metrics."""
+    rows = []
+    for index, case in enumerate(cases):
+        view = _case_view(case, _NoPictures())
+        c = view["case"]
+        rows.append({**{k: view[k] for k in _ROW_KEYS}, "index": index,
+                     "case": {"case_id": c["case_id"], "spec": c["spec"], "line": c["line"], "model": c["model"],
+                              "checks": [{"kind": ch["kind"], "outcome": ch["outcome"]} for ch in c["checks"]]}})
+    rows.sort(key=_order_key)
+    return rows
+
+
+def _cards(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], assets: _Assets) -> Iterator[dict]:
+    """The second pass: each card's full view, built when the template reaches it, in the rows' order.
+    The pictures' sizes recorded by the case are known to the picture views only while its card is built."""
+    for row in rows:
+        case = cases[row["index"]]
+        sizes = ((case.get("assets") or {}).get("sizes") or {})
+        assets.sizes.update(sizes)
+        yield _case_view(case, assets)
+        for key in sizes:
+            assets.sizes.pop(key, None)
+
+
+def _views(cases: Sequence[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
+    """Every card's view at once, in the page's order (for callers that want them as a list)."""
+    return list(_cards(cases, _rows(cases), assets))
 
 
 def _kinds(views: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -509,16 +549,29 @@ def _run_view(run: Mapping[str, Any], views: Sequence[Mapping[str, Any]]) -> dic
 
 
 def _results_json(run: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> str:
-    """``results.json``: plain JSON, NaN and inf as null.
+    """``results.json`` as one string (see :func:`_results_json_chunks`)."""
+    return "".join(_results_json_chunks(run, cases))
+
+
+def _results_json_chunks(run: Mapping[str, Any], cases: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """``results.json``: plain JSON, NaN and inf as null, written a case at a time (the same bytes as one
+    ``json.dumps`` of the whole document, without holding it).
 
     The cases were rebuilt from JSON records, so they usually are plain JSON already; the slower walk
-    through ``_jsonable`` only runs when they are not (numpy values, NaN from a metric, paths).
+    through ``_jsonable`` only runs for one that is not (numpy values, NaN from a metric, paths).
     """
-    payload = {"schema_version": SCHEMA_VERSION, "run": dict(run), "cases": [dict(c) for c in cases]}
+    head = {"schema_version": SCHEMA_VERSION, "run": dict(run)}
+    yield _dumps(head)[:-1] + ', "cases": ['
+    for i, case in enumerate(cases):
+        yield (", " if i else "") + _dumps(dict(case))
+    yield "]}"
+
+
+def _dumps(value: Any) -> str:
     try:
-        return json.dumps(payload, ensure_ascii=False, allow_nan=False)
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError):
-        return json.dumps(_jsonable(payload), ensure_ascii=False)
+        return json.dumps(_jsonable(value), ensure_ascii=False)
 
 
 def _jsonable(value: Any) -> Any:
@@ -556,14 +609,12 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
     with committing(out_dir, run_id) as commit:
         out_dir.mkdir(parents=True, exist_ok=True)
         flush_assets()
-        cases = list(cases)
-        json_tmp = commit.stage(".results-", [_results_json(run, cases)])
-        assets = _Assets(out_dir, self_contained,
-                         {k: v for c in cases for k, v in ((c.get("assets") or {}).get("sizes") or {}).items()})
+        json_tmp = commit.stage(".results-", _results_json_chunks(run, cases))
+        assets = _Assets(out_dir, self_contained)
         template = _env().get_template("report.html")
-        views = _views(cases, assets)
-        html = template.generate(**_run_view(run, views), cases=views, kinds=_kinds(views),
-                                 classes=_class_summary(views), run_id=run_id,
+        rows = _rows(cases)
+        html = template.generate(**_run_view(run, rows), rows=rows, cases=_cards(cases, rows, assets),
+                                 kinds=_kinds(rows), classes=_class_summary(rows), run_id=run_id,
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),
                                  schema_version=SCHEMA_VERSION)
         html_tmp = commit.stage(".index-", html)
