@@ -1,7 +1,7 @@
 """Perturbations of a decoded original image: the counterfactuals behind the ``invariance`` check.
 
 Every transform works on the decoded original (RGB PIL image) *before* preprocessing, so a variant's
-heatmap maps back onto the original exactly like the original's does (DESIGN.md, second wave). Each
+heatmap maps back onto the original exactly like the original's does (docs/ARCHITECTURE.md, "audit/perturb.py"). Each
 is a small function registered in :data:`TRANSFORMS` under the name a spec uses (``occlude``,
 ``paste``, ``hflip``, ``jpeg``, ``gaussian_blur``, ``brightness``, ``corruption``), and each is
 deterministic: the same image, masks, parameter and seed give the same bytes (noise is drawn from a

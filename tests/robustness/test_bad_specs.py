@@ -1,4 +1,4 @@
-"""Every row of DESIGN.md's "Bad input" table for specs, models and the report folder, end to end.
+"""Every kind of bad input the design names for specs, models and the report folder, end to end.
 
 Each test runs the bad spec (or the bad case) next to ``good.yaml`` (two shipped scenes) in one pytest
 run with a report, and pins: one clear message with file:line where there is a line, no traceback, the

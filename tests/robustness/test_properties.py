@@ -1,6 +1,6 @@
 """Properties that must hold for every input, checked with hypothesis on random heatmaps, boxes and bytes.
 
-Metrics (DESIGN.md "Focus checks"): energy lies in [0, 1] and never drops when a region grows by a
+Metrics (docs/ARCHITECTURE.md, "audit/checks.py"): energy lies in [0, 1] and never drops when a region grows by a
 union; with a unique maximum the pointing game at tolerance 0 is exactly "is the argmax inside R".
 Feature grids: never NaN, the documented shape, each tile stretched to its own range. Spec loader: any
 bytes at all (invalid UTF-8 included) give a Spec or a SpecError, nothing else.
