@@ -571,8 +571,9 @@ def _choice_for(text: str, labels: str | None, spec: Any) -> ModelChoice | None:
 
 
 def _side_model(choice: ModelChoice | None, cam_layer: str | None, spec: Any) -> Any:
-    """The ``ModelSpec`` a side runs: the spec's own, or the chosen model with the spec's preprocessing
-    (and its CAM layer and method when the architecture is the spec's); ``--a-cam-layer`` wins."""
+    """The ``ModelSpec`` a side runs: the spec's own, or the chosen model with the spec's preprocessing and
+    CAM method (both maps made the same way), and its CAM layer when the architecture is the spec's;
+    ``--a-cam-layer`` wins."""
     m = spec.model
     if choice is not None:
         random_init = choice.weights is None and choice.checkpoint is None
@@ -582,7 +583,7 @@ def _side_model(choice: ModelChoice | None, cam_layer: str | None, spec: Any) ->
             checkpoint=Path(choice.checkpoint).resolve() if choice.checkpoint else None,
             labels=Path(choice.labels).resolve() if choice.labels else None,
             seed=(choice.seed if choice.seed is not None else defaults.SEED) if random_init else None,
-            cam_layer=m.cam_layer if same_arch else None, cam_method=m.cam_method if same_arch else None)
+            cam_layer=m.cam_layer if same_arch else None, cam_method=m.cam_method)
     return dataclasses.replace(m, cam_layer=cam_layer) if cam_layer else m
 
 
@@ -660,7 +661,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 engine.resolve_layer(spec.model.cam_layer)
         except AuditError as exc:
             raise _side_error(k, sides[k][0], choices[k, path], exc) from None
-    refs = {(k, n): CaseRef(f"{k}::{spec.path}::{case.id}", side_specs[k, spec.path], case)
+    # no feature grids: compare shows none, and a spec's layers may not exist in the other model
+    refs = {(k, n): CaseRef(f"{k}::{spec.path}::{case.id}", side_specs[k, spec.path],
+                            dataclasses.replace(case, features=()))
             for k in sides for n, (spec, case) in enumerate(cases)}
     session.schedule([(ref, 1) for ref in refs.values()])
     observed: dict[tuple[str, int], Any] = {}

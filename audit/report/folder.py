@@ -44,7 +44,7 @@ def check_writable(out_dir: Path) -> None:
         raise AuditError(f"report folder {out_dir} is not writable: {reason}") from None
 
 
-STALE_TEMPS = (".index-*.tmp", ".results-*.tmp", ".write-test-*", ".tmp-*")
+STALE_TEMPS = (".index-*.tmp", ".results-*.tmp", ".compare-*.tmp", ".write-test-*", ".tmp-*")
 _RUN_LOCKS: dict[str, int] = {}   # run id -> open fd holding that run's asset-folder lock
 
 
