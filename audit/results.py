@@ -307,10 +307,6 @@ class CaseStore:
     def __len__(self) -> int:
         return len(self._cases)
 
-    def values(self) -> list[dict]:
-        """Every case as a dict (parsed now: for tests and small runs; the page reads ``CaseList``)."""
-        return [stored.as_dict() for stored in self._cases.values()]
-
 
 class CaseList:
     """The cases of ``results.json`` and the page, each parsed when it is read, never all at once: the

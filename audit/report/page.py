@@ -482,11 +482,6 @@ def _cards(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
             assets.sizes.pop(key, None)
 
 
-def _views(cases: Sequence[Mapping[str, Any]], assets: _Assets) -> list[dict[str, Any]]:
-    """Every card's view at once, in the page's order (for callers that want them as a list)."""
-    return list(_cards(cases, _rows(cases), assets))
-
-
 def _kinds(views: Sequence[Mapping[str, Any]]) -> list[str]:
     """The check kinds of the run, in the order they first appear (one column each in the case table)."""
     return list(dict.fromkeys(kind for v in views for kind in v["worst"]))
