@@ -825,7 +825,7 @@ def test_results_json_streamed_a_case_at_a_time_is_the_whole_documents_json():
 def test_the_page_reads_cases_one_at_a_time_from_a_lazy_sequence(report_dir):
     """What the controller hands write_report parses a case when it is read: the page takes any sequence
     and reads each case only while it needs it (a first pass for the table, then one card at a time)."""
-    out, asset_dir, run_id = report_dir
+    out, run_id, asset_dir = report_dir
     built = three_cases(asset_dir)
     reads: list[int] = []
 
