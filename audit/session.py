@@ -194,6 +194,7 @@ class AuditSession:
         self.cache_size = cache_size or 4 * self.batch_size
         self.refs: dict[str, CaseRef] = {}
         self._queue: dict[tuple, list[str]] = {}
+        self._position: dict[str, int] = {}   # a case's index in its model's queue
         self._engines: dict[tuple, Any] = {}
         self._observations: "OrderedDict[str, Observation | AuditError]" = OrderedDict()
         self._remaining: dict[str, int] = {}
@@ -220,11 +221,14 @@ class AuditSession:
         """Remember the selected cases in run order (after -k/-m/--lf) and how many checks each has."""
         self.refs.clear()
         self._queue.clear()
+        self._position.clear()
         self._remaining.clear()
         for ref, n_checks in refs_and_checks:
             if ref.nodeid not in self.refs:
                 self.refs[ref.nodeid] = ref
-                self._queue.setdefault(self.model_key(ref.model), []).append(ref.nodeid)
+                queue = self._queue.setdefault(self.model_key(ref.model), [])
+                self._position[ref.nodeid] = len(queue)
+                queue.append(ref.nodeid)
             self._remaining[ref.nodeid] = self._remaining.get(ref.nodeid, 0) + n_checks
 
     def model_key(self, model: ModelSpec) -> tuple:
@@ -299,25 +303,42 @@ class AuditSession:
             raise found
         return found
 
-    def done(self, nodeid: str) -> None:
-        """One check of a case finished: drop its observation once every selected check has run."""
+    def done(self, nodeid: str) -> bool:
+        """One check of a case finished: drop its observation once every selected check has run (and
+        say so: True when the case is finished)."""
         left = self._remaining.get(nodeid, 0) - 1
         self._remaining[nodeid] = left
         if left <= 0:
             self._observations.pop(nodeid, None)
+        return left <= 0
+
+    def batch_of(self, nodeid: str) -> list[str]:
+        """The cases observed with ``nodeid`` in one forward: it, then the next unobserved cases of the
+        same model in run order, walked from it (never the whole queue: at 10,000 cases a scan per batch
+        made the run quadratic). One forward explains every image of a batch the same way, so they must
+        ask for the same preprocessing, CAM layer and method (two specs may name one model differently),
+        and with ``lookahead="file"`` come from the same spec."""
+        ref = self.refs[nodeid]
+        batch = [nodeid]
+        if self.lookahead == "none":
+            return batch
+        queue = self._queue.get(self.model_key(ref.model), [])
+        settings = _explain_settings(ref.model)
+        for index in range(self._position.get(nodeid, len(queue)) + 1, len(queue)):
+            if len(batch) >= self.batch_size:
+                break
+            n = queue[index]
+            other = self.refs[n]
+            if n in self._observations or _explain_settings(other.model) != settings:
+                continue
+            if self.lookahead == "file" and other.spec.path != ref.spec.path:
+                continue
+            batch.append(n)
+        return batch
 
     def _observe_batch(self, nodeid: str) -> None:
         ref = self.refs[nodeid]
-        queue = self._queue.get(self.model_key(ref.model), [nodeid]) if self.lookahead != "none" else [nodeid]
-        if self.lookahead == "file":
-            queue = [n for n in queue if self.refs[n].spec.path == ref.spec.path]
-        # one forward explains every image of the batch the same way: the cases that join it must ask
-        # for the same preprocessing, CAM layer and method (two specs may name one model differently)
-        queue = [n for n in queue if _explain_settings(self.refs[n].model) == _explain_settings(ref.model)]
-        start = queue.index(nodeid) if nodeid in queue else 0
-        batch = [n for n in queue[start:] if n not in self._observations][: self.batch_size]
-        if nodeid not in batch:
-            batch = [nodeid] + batch[: self.batch_size - 1]
+        batch = self.batch_of(nodeid)
         try:
             engine = self.engine(ref.model)
         except AuditError as exc:
