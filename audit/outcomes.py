@@ -140,17 +140,35 @@ def records_of(report: Any) -> dict[str, str]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """Move our records off ``user_properties``. Flat properties go on the teardown report only: the
+    one junitxml reads them from (pytest keeps every report to the end; three copies per item were ~2 KB
+    a case). After the teardown report the item's own records are dropped, nothing reads them again."""
     report = yield
     records, rest = split_properties(report.user_properties)
     if records:
         setattr(report, RECORDS_ATTR, records)
-        case = _parsed(records[CASE_PROP]) if CASE_PROP in records else None
-        check = _parsed(records[CHECK_PROP]) if CHECK_PROP in records else None
-        report.user_properties = rest + flat_properties(case, check)
+        if call.when == "teardown":
+            case = parsed_record(records[CASE_PROP]) if CASE_PROP in records else None
+            check = parsed_record(records[CHECK_PROP]) if CHECK_PROP in records else None
+            rest += flat_properties(case, check)
+            item.user_properties[:] = split_properties(item.user_properties)[1]
+        report.user_properties = rest
     return report
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> Any:
+    """Drop the records from a report once every plugin has seen it (xdist's worker has sent it, our
+    collectors have read it): pytest keeps all reports until the session ends, and a 10,000-case run
+    must not keep 30,000 references to its records."""
+    try:
+        return (yield)
+    finally:
+        report.__dict__.pop(RECORDS_ATTR, None)
+
+
 @functools.lru_cache(maxsize=64)
-def _parsed(text: str) -> dict:
-    """A record parsed once: the setup, call and teardown reports of an item all carry the same one."""
+def parsed_record(text: str) -> dict:
+    """A record parsed once: the setup, call and teardown reports of an item all carry the same one.
+    Shared: callers never change the dict."""
     return json.loads(text)

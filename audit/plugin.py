@@ -18,6 +18,7 @@ the report, see ``audit.outcomes``) and only the controller writes the HTML repo
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ import pytest
 
 from audit import defaults
 from audit.errors import AuditError
-from audit.outcomes import failure_text, pytest_runtest_makereport  # noqa: F401  (a hook: records off junit)
+from audit.outcomes import (  # noqa: F401  (hooks: records off junit, dropped once read)
+    failure_text, pytest_runtest_logreport, pytest_runtest_makereport)
 from audit.kinds.base import NotRecorded
 from audit.spec import CaseSpec, Spec, is_spec_file, load_spec
 
@@ -154,6 +156,9 @@ def _configure_set_records(config: pytest.Config, worker: Any) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    collector = config.stash.get(RESULTS_KEY, None)
+    if collector is not None:
+        collector.cases.spool.close()
     share = config.stash.get(SHARE_KEY, None)
     if share:
         import shutil
@@ -258,6 +263,12 @@ class SpecFile(pytest.File):
             yield SpecCheckItem.from_parent(self, name=kind.name, spec=spec, kind=kind)
 
 
+@functools.lru_cache(maxsize=None)
+def _kind_mark(kind: str) -> pytest.MarkDecorator:
+    """``audit(kind)``, one object per kind (marks are immutable): 20,000 items need not hold 20,000."""
+    return pytest.mark.audit(kind)
+
+
 def _marker(name: str, args: dict) -> pytest.MarkDecorator:
     """The pytest marker a spec names, with its arguments (``condition`` is a plain true/false)."""
     kwargs = dict(args)
@@ -349,7 +360,7 @@ class CheckItem(pytest.Item):
         self.ref = ref
         self.kind = kind
         self.observation = None
-        self.add_marker(pytest.mark.audit(kind))
+        self.add_marker(_kind_mark(kind))
 
     def setup(self) -> None:
         from audit.session import ModelUnavailable
@@ -392,7 +403,8 @@ class CheckItem(pytest.Item):
 
     def teardown(self) -> None:
         self.observation = None
-        _audit(self.config).done(self.ref.nodeid)
+        if _audit(self.config).done(self.ref.nodeid):
+            _results(self.config).forget(self.ref.nodeid)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, CheckFailed):
@@ -418,7 +430,7 @@ class SpecCheckItem(pytest.Item):
         super().__init__(**kwargs)
         self.spec = spec
         self.kind = kind
-        self.add_marker(pytest.mark.audit(kind.name))
+        self.add_marker(_kind_mark(kind.name))
 
     def runtest(self) -> None:
         from audit.kinds.baseline import NoBaseline

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,12 @@ class ResultCollector:
                 ref.nodeid, str(ref.spec.path), case.location.line, case.id, model_label(ref.model),
                 str(case.image), None, case.location.record).to_json()
         item.user_properties.append((CASE_PROP, planned))
+
+    def forget(self, nodeid: str) -> None:
+        """Every check of a case ran: its record strings are no longer needed here (a 10,000-case
+        serial run kept them all, ~2.5 KB a case)."""
+        self._case_json.pop(nodeid, None)
+        self._planned_json.pop(nodeid, None)
 
     def note_check(self, item: Any, result: Any) -> None:
         item.user_properties.append((CHECK_PROP, json.dumps(result.to_dict())))
@@ -171,9 +179,9 @@ class ResultCollector:
             reason = _skip_reason(report)
             message = reason
             self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
-        stored.checks.append({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
-                                 "metrics": check.get("metrics", []), "duration_s": report.duration,
-                                 "nodeid": report.nodeid, **({"data": check["data"]} if check.get("data") else {})})
+        stored.add_check({"kind": check.get("kind", kind), "outcome": outcome, "message": message,
+                          "metrics": check.get("metrics", []), "duration_s": report.duration,
+                          "nodeid": report.nodeid, **({"data": check["data"]} if check.get("data") else {})})
 
     def add_stats(self, payload: dict) -> None:
         for name, value in payload.get("stats", {}).items():
@@ -184,8 +192,8 @@ class ResultCollector:
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(OUTCOMES, 0)
         for stored in self.cases:
-            for check in stored.checks:
-                counts[check["outcome"]] += 1
+            for outcome in stored.outcomes():
+                counts[outcome] += 1
         return {k: v for k, v in counts.items() if v or k in OUTCOMES[:4]}   # xfail counts only when any
 
     def case_list(self) -> "CaseList":
@@ -233,7 +241,7 @@ class ResultCollector:
                 continue
         lines: list[str] = []
         for kind in self.session.registry.kinds():
-            checks = [ch for stored in self.cases for ch in stored.checks if ch.get("kind") == kind.name]
+            checks = [ch for stored in self.cases for ch in stored.checks(kind.name)]
             lines += kind.summary(checks, specs, self.session.run)
         return lines
 
@@ -261,22 +269,52 @@ class ResultCollector:
         return lines
 
 
+class TextSpool:
+    """Texts kept in an unlinked temporary file and read back by (offset, length): what the controller
+    holds of every case (its record, its checks' results) is needed again only when the report is
+    written, and a 10,000-case run must not hold it all in memory (~4.5 KB a case, tracemalloc)."""
+
+    def __init__(self) -> None:
+        self._file: Any = None
+        self._end = 0
+
+    def put(self, text: str) -> tuple[int, int]:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()
+        data = text.encode("utf-8")
+        self._file.seek(self._end)
+        self._file.write(data)
+        at = (self._end, len(data))
+        self._end += len(data)
+        return at
+
+    def get(self, at: tuple[int, int]) -> str:
+        self._file.seek(at[0])
+        return self._file.read(at[1]).decode("utf-8")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class StoredCase:
-    """One case on the controller: the JSON text of its record (the very string its reports carry, so
-    holding it costs nothing pytest does not already hold), the fields later records changed, and the
-    checks the controller adds. Parsing every record at once held ~10 KB per case (tracemalloc, 1,500
-    cases): a 10,000-case golden set's memory then grew with N; this grows by a few hundred bytes."""
+    """One case on the controller: its record (spooled JSON text), the fields later records changed,
+    and the checks the controller adds (each check's kind and outcome in memory, the rest spooled).
+    Parsing every record at once held ~10 KB per case (tracemalloc, 1,500 cases), keeping the texts
+    ~4.5 KB: a 10,000-case golden set's memory grew with N; this grows by a few hundred bytes."""
 
-    __slots__ = ("text", "overrides", "checks", "spec", "_set")
+    __slots__ = ("spool", "at", "overrides", "_checks", "spec", "_set")
 
-    def __init__(self, text: str, case: dict) -> None:
-        self.checks: list[dict] = []
+    def __init__(self, spool: TextSpool, text: str, case: dict) -> None:
+        self.spool = spool
+        self._checks: list[tuple[str, str, tuple[int, int]]] = []   # (kind, outcome, spooled check)
         self.spec = case.get("spec")
         self.rebase(text, case)
 
     def rebase(self, text: str, case: dict) -> None:
         """Take every field (but the checks) from this record, as ``dict.update`` would."""
-        self.text = text
+        self.at = self.spool.put(text)
         self.overrides: dict[str, Any] = {}
         self._set = {key for key in ("kinds", "assets", "error", "placeholder") if case.get(key)}
 
@@ -284,21 +322,33 @@ class StoredCase:
         """Whether the case's ``key`` is set (truthy)."""
         return bool(self.overrides[key]) if key in self.overrides else key in self._set
 
+    def add_check(self, check: dict) -> None:
+        self._checks.append((sys.intern(check["kind"]), sys.intern(check["outcome"]),
+                             self.spool.put(json.dumps(check))))
+
+    def outcomes(self) -> list[str]:
+        return [outcome for _, outcome, _ in self._checks]
+
+    def checks(self, kind: str | None = None) -> list[dict]:
+        """The checks' results (of one kind, or all), parsed from the spool."""
+        return [json.loads(self.spool.get(at)) for name, _, at in self._checks if kind is None or name == kind]
+
     def as_dict(self) -> dict:
-        return {**_case_from_json(self.text), **self.overrides, "checks": self.checks}
+        return {**_case_from_json(self.spool.get(self.at)), **self.overrides, "checks": self.checks()}
 
 
 class CaseStore:
-    """The run's cases by node id, in the order their first report came."""
+    """The run's cases by node id, in the order their first report came; their texts in one spool."""
 
     def __init__(self) -> None:
         self._cases: dict[str, StoredCase] = {}
+        self.spool = TextSpool()
 
     def get(self, nodeid: str) -> StoredCase | None:
         return self._cases.get(nodeid)
 
     def add(self, nodeid: str, text: str, case: dict) -> StoredCase:
-        stored = self._cases[nodeid] = StoredCase(text, case)
+        stored = self._cases[nodeid] = StoredCase(self.spool, text, case)
         return stored
 
     def __iter__(self):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from audit.outcomes import CASE_PROP, CHECK_PROP, records_of
+from audit.outcomes import CASE_PROP, CHECK_PROP, parsed_record, records_of
 
 GATE_METRICS = frozenset({"top1_is_label", "top1", "pointing_game", "energy_inside"})
 """The check metrics :func:`audit.gates.outcome_of` reads; the others are not kept here."""
@@ -33,7 +34,7 @@ class CaseResults:
         self.share_dir = Path(share_dir) if share_dir else None
         self.worker_id = worker_id
         self.cases: dict[str, dict] = {}
-        self.expected: dict[str, tuple[str, set[str]]] = {}   # case node id -> (spec path, its check node ids)
+        self.expected: dict[str, tuple[str, int]] = {}   # case node id -> (spec path, its selected checks)
         self._file = None
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -43,7 +44,8 @@ class CaseResults:
         self.expected.clear()
         for item in session.items:
             if isinstance(item, CheckItem):
-                self.expected.setdefault(item.ref.nodeid, (str(item.ref.spec.path), set()))[1].add(item.nodeid)
+                path, n = self.expected.get(item.ref.nodeid, (_shared(str(item.ref.spec.path)), 0))
+                self.expected[item.ref.nodeid] = (path, n + 1)
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         props = records_of(report)
@@ -53,14 +55,17 @@ class CaseResults:
             return
         if report.when == "teardown" and report.outcome == "passed":
             return
-        record = json.loads(props[CASE_PROP])
-        check = json.loads(props[CHECK_PROP]) if CHECK_PROP in props else {}
+        record = parsed_record(props[CASE_PROP])
+        check = parsed_record(props[CHECK_PROP]) if CHECK_PROP in props else {}
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
         # only what a set-level gate reads: 10,000 cases must not hold 10,000 copies of every record
+        top_k = record.get("top_k") or []
         line = {"case": record.get("nodeid"), "check": report.nodeid, "kind": check.get("kind"),
                 "outcome": outcome,
-                "metrics": [m for m in check.get("metrics", []) if m.get("name") in GATE_METRICS],
-                "record": {"case_id": record.get("case_id"), "top_k": (record.get("top_k") or [])[:1],
+                "metrics": [{"name": m["name"], "value": m.get("value"), "passed": m.get("passed")}
+                            for m in check.get("metrics", []) if m.get("name") in GATE_METRICS],
+                "record": {"case_id": record.get("case_id"),
+                           "top_k": [{"label": top_k[0].get("label")}] if top_k else [],
                            "error": bool(record.get("error"))}}
         self._add(line)
         if self.share_dir is not None:
@@ -76,7 +81,7 @@ class CaseResults:
         case = self.cases.setdefault(line["case"], {"record": line["record"], "checks": {}})
         if line["record"].get("top_k") and not case["record"].get("top_k"):
             case["record"] = line["record"]
-        case["checks"][line["check"]] = {"kind": line["kind"], "outcome": line["outcome"],
+        case["checks"][line["check"]] = {"kind": _shared(line["kind"]), "outcome": _shared(line["outcome"]),
                                          "metrics": line["metrics"]}
 
     def _write(self, line: dict) -> None:
@@ -103,12 +108,11 @@ class CaseResults:
 
         Waits while records of other workers keep arriving; gives up after ``wait_s`` without progress.
         """
-        wanted = {case: checks for case, (path, checks) in self.expected.items() if path == str(spec_path)}
+        wanted = {case: n for case, (path, n) in self.expected.items() if path == str(spec_path)}
         last_progress, seen = time.monotonic(), -1
         while True:
             self._read_shared()
-            missing = [case for case, checks in wanted.items()
-                       if not checks <= set(self.cases.get(case, {}).get("checks", {}))]
+            missing = [case for case, n in wanted.items() if len(self.cases.get(case, {}).get("checks", {})) < n]
             have = sum(len(self.cases.get(case, {}).get("checks", {})) for case in wanted)
             if not missing or self.share_dir is None:
                 break
@@ -119,3 +123,8 @@ class CaseResults:
             time.sleep(0.2)
         found = [{"nodeid": case, **self.cases[case]} for case in wanted if case in self.cases]
         return found, missing
+
+
+def _shared(text: str | None) -> str | None:
+    """One string object for each kind name and outcome, not one per check of a 10,000-case run."""
+    return sys.intern(text) if isinstance(text, str) else text
