@@ -10,6 +10,8 @@ Prints ``name=value`` lines:
 * ``pytest_floor_s``: pytest alone running as many items that do nothing; ``dataset_suite_ratio_over_pytest_floor``:
   the wall time over (ideal + that floor), what model-audit adds beyond pytest and the forward passes.
 * ``rss_ratio_10000_vs_1000``: peak RSS of the N-case run over that of a 1,000-case run. Target <= 1.2.
+  ``rss_growth_kb_per_case`` is the slope behind it, next to ``pytest_floor_rss_ratio`` and
+  ``pytest_floor_rss_growth_kb_per_case``: the same for pytest alone running two no-op items per case.
 * ``report_first_paint_s``: the report's first paint in headless Chromium (file://, Performance API
   ``first-paint``). Target <= 2 s.
 * ``decode_serial_ms_per_image``, ``decode_threads_ms_per_image``, ``decode_dataloader_ms_per_image``:
@@ -190,6 +192,7 @@ def main() -> None:
         bare_run = run_suite(big, args.batch_size)
         lean_run = run_suite(big, args.batch_size, "-p", "no:logging")
         floor = pytest_floor(Path(tmp) / "floor", 2 * args.n + 1)
+        floor_small = pytest_floor(Path(tmp) / "floor_small", 2 * args.small + 1)
         ideal = bare["load"] + args.n * bare["forward"]
         print(f"cases={args.n}")
         print(f"suite_s={run_big['seconds']:.1f}")
@@ -204,6 +207,10 @@ def main() -> None:
         print(f"rss_mb_{args.n}={run_big['maxrss_kb'] / 1024:.0f}")
         print(f"rss_mb_{args.small}={run_small['maxrss_kb'] / 1024:.0f}")
         print(f"rss_ratio_{args.n}_vs_{args.small}={run_big['maxrss_kb'] / run_small['maxrss_kb']:.2f}")
+        print(f"rss_growth_kb_per_case={(run_big['maxrss_kb'] - run_small['maxrss_kb']) / (args.n - args.small):.1f}")
+        print(f"pytest_floor_rss_ratio={floor['maxrss_kb'] / floor_small['maxrss_kb']:.2f}")
+        print(f"pytest_floor_rss_growth_kb_per_case="
+              f"{(floor['maxrss_kb'] - floor_small['maxrss_kb']) / (args.n - args.small):.1f}")
         print(f"forward_ms_per_image={bare['forward'] * 1000:.2f}")
         print(f"report_first_paint_s={first_paint_s(big / 'report' / 'index.html'):.2f}")
         images = sorted((big / "set" / "images").glob("*.png"))[:1000]
