@@ -251,7 +251,11 @@ class ResultCollector:
         if self.cases:
             counts = self.counts()
             s = self.stats
-            lines.append(f"model-audit: {_n(len(self.cases), 'case')}; checks: {counts['passed']} passed, "
+            spec_kinds = {k.name for k in self.session.registry.kinds("spec")} if self.session is not None else set()
+            spec_level = sum(1 for stored in self.cases if stored.kinds() and stored.kinds() <= spec_kinds)
+            scope = _n(len(self.cases) - spec_level, 'case') + (f" and {_n(spec_level, 'spec-level check')}"
+                                                                  if spec_level else "")
+            lines.append(f"model-audit: {scope}; checks: {counts['passed']} passed, "
                          f"{counts['failed']} failed, {_n(counts['error'], 'error')}, {counts['skipped']} skipped; "
                          f"{_n(int(s.get('model_loads', 0)), 'model load')}, {_n(int(s.get('images', 0)), 'image')} "
                          f"in {_n(int(s.get('forward_passes', 0)), 'forward pass', 'forward passes')}")
@@ -328,6 +332,10 @@ class StoredCase:
 
     def outcomes(self) -> list[str]:
         return [outcome for _, outcome, _ in self._checks]
+
+    def kinds(self) -> set[str]:
+        """The kinds of the checks that ran on this card (a spec-level card holds only spec-scope kinds)."""
+        return {kind for kind, _, _ in self._checks}
 
     def checks(self, kind: str | None = None) -> list[dict]:
         """The checks' results (of one kind, or all), parsed from the spool."""

@@ -119,15 +119,26 @@ def test_dataset_block_problems_name_the_spec_line(pytester, change, message):
     assert result.ret != 0 and "Traceback" not in result.stdout.str()
 
 
-def test_annotation_errors_name_the_annotation_file_and_the_record(pytester):
+def test_a_bad_annotation_errors_its_case_only_naming_the_annotation_file_and_the_record(pytester):
     path = golden(pytester.path, "coco")
     ann = pytester.path / "set" / "annotations" / "instances.json"
     doc = json.loads(ann.read_text())
     doc["annotations"][3]["bbox"][2] = -4
     ann.write_text(json.dumps(doc))
-    result = pytester.runpytest(str(path), "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*set/annotations/instances.json: annotation 4: bbox has negative width*"])
+    bad_id = Path(next(i["file_name"] for i in doc["images"] if i["id"] == doc["annotations"][3]["image_id"])).stem
+    result = pytester.runpytest(str(path), "-p", "no:cacheprovider", "-rs")
+    result.stdout.fnmatch_lines([f"*ERROR at setup of {bad_id}::prediction*",
+                                 "*set/annotations/instances.json: annotation 4: bbox has negative width*"])
     assert "Traceback" not in result.stdout.str()
+    outcomes = outcomes_by_item(pytester, str(path))
+    assert outcomes.pop(f"golden.yaml.{bad_id}::prediction") == "error"   # one item: the case cannot run
+    assert not any(bad_id in item for item in outcomes)
+    gates = outcomes.pop("golden.yaml::gates")
+    assert len(outcomes) == 2 * 11 and set(outcomes.values()) == {"passed"}, outcomes
+    # the gates ran over all 12 cases, the errored one counted wrong and named
+    result = pytester.runpytest(str(path), "-p", "no:cacheprovider", "-o", "addopts=", "-k", "gates or " + bad_id)
+    result.stdout.fnmatch_lines(["*gates: *over 1 cases, 1 errored*", f"*errored cases: {bad_id}*"])
+    assert gates in ("passed", "failed")
 
 
 def test_region_annotation_and_top1_is_label_need_a_dataset_case(tmp_path):

@@ -3,6 +3,7 @@ pycocotools' own COCO API and torchvision's ImageFolder."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,6 @@ def test_coco_image_without_annotation_is_listed_as_skipped(tmp_path):
     ({"bbox": [1, 1, 0, 2]}, "annotation 1234: bbox [1, 1, 0, 2] is empty (width or height 0)"),
     ({"bbox": [1, 1, 3]}, "annotation 1234: bbox must be 4 numbers [x, y, width, height], got [1, 1, 3]"),
     ({"bbox": [15, 1, 8, 2]}, "annotation 1234: bbox [15, 1, 8, 2] goes outside the 20x10 image"),
-    ({"bbox": [1, 1, 3, 2], "image_id": 9}, "annotation 1234: image_id 9 is not in images"),
     ({"bbox": [1, 1, 3, 2], "category_id": 7}, "annotation 1234: category_id 7 is not in categories"),
     ({"bbox": [1, 1, 3, 2], "segmentation": [[1, 1, 4, 1]]},
      "annotation 1234: segmentation polygon 0 must be a flat list of at least 3 x, y pairs"),
@@ -179,11 +179,36 @@ def test_coco_image_without_annotation_is_listed_as_skipped(tmp_path):
     ({"bbox": [1, 1, 3, 2], "segmentation": {"size": [10, 20], "counts": [5, 5]}},
      "annotation 1234: uncompressed RLE counts must be non-negative integers summing to 200"),
 ])
-def test_coco_errors_name_the_file_and_the_annotation(tmp_path, ann, message):
-    path = _coco(tmp_path, [{"id": 1234, "image_id": 1, "category_id": 1, **ann}])
+def test_coco_bad_annotation_is_an_error_of_its_image_case_naming_the_file_and_the_record(tmp_path, ann, message):
+    good = {"id": 1, "image_id": 2, "category_id": 2, "bbox": [0, 0, 2, 2]}
+    path = _coco(tmp_path, [{"id": 1234, "image_id": 1, "category_id": 1, **ann}, good])
+    read = read_coco(path, tmp_path)
+    bad, fine = read.cases
+    assert (bad.id, fine.id, fine.error, fine.label) == ("a", "sub.b", None, "dog")
+    assert isinstance(bad.error, SpecError) and str(bad.error).startswith(f"{path}: {message}")
+    assert bad.image == tmp_path / "a.jpg" and bad.annotations == {}
+    assert bad.label == ("cat" if "category_id" not in ann else None)
+
+
+def test_coco_annotation_of_no_image_is_an_error_of_the_file(tmp_path):
+    path = _coco(tmp_path, [{"id": 1234, "image_id": 9, "category_id": 1, "bbox": [1, 1, 3, 2]}])
     with pytest.raises(SpecError) as info:
         read_coco(path, tmp_path)
-    assert str(info.value).startswith(f"{path}: {message}")
+    assert str(info.value).startswith(f"{path}: annotation 1234: image_id 9 is not in images")
+
+
+def test_coco_bad_image_record_errors_its_case_and_labels_map_still_skips_unaudited_images(tmp_path):
+    images = [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 10},
+              {"id": 2, "file_name": "sub/b.png", "width": 20, "height": 10},
+              {"id": 3, "file_name": "c.png", "width": 20, "height": 10}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [0, 0, -2, 2]},   # a dog: not audited below
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [0, 0, 2, 2]}]
+    path = _coco(tmp_path, anns, images=images)
+    read = read_coco(path, tmp_path, labels_map={"cat": "tabby"})
+    assert [(c.id, c.label, c.error is not None) for c in read.cases] == [("a", "cat", True), ("c", "cat", False)]
+    assert "image 1: width and height must be positive integers, got 0 x 10" in str(read.cases[0].error)
+    assert read.skipped == ("image 2 (sub/b.png): none of its classes (dog) is in labels_map",)
 
 
 def test_coco_tiny_float_overshoot_is_clipped_to_the_image(tmp_path):
@@ -260,18 +285,22 @@ def test_ilsvrc_file_names_without_suffix_find_the_jpeg(tmp_path):
     ((1, 1, 21, 4), "object 1 (dog): bndbox xmax 21, ymax 4 goes outside the 20x10 image"),
     ((1, "x", 4, 4), "object 1 (dog): <ymin> must be a number, got 'x'"),
 ])
-def test_voc_errors_name_the_xml_file_and_the_object(tmp_path, box, message):
-    path = _voc(tmp_path / "ann", "img7", [("dog", box)])
-    with pytest.raises(SpecError) as info:
-        read_voc(tmp_path / "ann")
-    assert str(info.value).startswith(f"{path}: {message}")
+def test_voc_bad_object_is_an_error_of_its_case_naming_the_xml_file_and_the_object(tmp_path, box, message):
+    path = _voc(tmp_path / "ann", "img7", [("dog", box)], filename="photo7.jpg")
+    _voc(tmp_path / "ann", "img8", [("cat", (1, 1, 4, 4))])
+    bad, fine = read_voc(tmp_path / "ann").cases
+    assert (bad.id, bad.label, bad.image.name, fine.id, fine.error) == ("photo7", "dog", "photo7.jpg", "img8", None)
+    assert str(bad.error).startswith(f"{path}: {message}")
 
 
-def test_voc_malformed_xml_is_one_line(tmp_path):
+def test_voc_malformed_xml_is_one_line_on_its_case(tmp_path):
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "bad.xml").write_text("<annotation><filename>")
-    with pytest.raises(SpecError, match=r"bad.xml: not well-formed XML"):
-        read_voc(tmp_path / "ann")
+    _voc(tmp_path / "ann", "good", [("cat", (1, 1, 4, 4))])
+    bad, fine = read_voc(tmp_path / "ann").cases
+    assert (bad.id, bad.label, fine.error) == ("bad", None, None)
+    assert re.match(r".*bad.xml: not well-formed XML: no element found", str(bad.error))
+    assert "\n" not in str(bad.error)
 
 
 # -------------------------------------------------------------------------------------- manifests
@@ -291,18 +320,40 @@ def test_csv_rows_of_one_image_join_their_boxes(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("path,lable\na.png,cat\n", "line 1: the header has no 'label' column (did you mean 'lable'?)"),
     ("path,label,x0,y0,x1\na.png,cat,1,2,3\n", "line 1: box columns need all of x0,y0,x1,y1; missing y1"),
-    ("path,label,x0,y0,x1,y1\na.png,cat,1,2,3,4\nb.png,dog,5,2,3,4\n",
-     "line 3: box [5, 2, 3, 4] is empty or has its corners swapped"),
-    ("path,label,x0,y0,x1,y1\na.png,cat,1,2,,4\n", "line 2: give all of x0,y0,x1,y1 or none"),
-    ("path,label\na.png,cat\na.png,dog\n", "line 3: a.png is labelled 'dog' here but 'cat' on line 2"),
-    ("path,label\na.png,\n", "line 2: path and label must not be empty"),
+    ("path,label\n,cat\n", "line 2: path and label must not be empty"),
 ])
-def test_csv_errors_name_the_line(tmp_path, text, message):
+def test_csv_errors_of_the_file_name_the_line(tmp_path, text, message):
     path = tmp_path / "cases.csv"
     path.write_text(text)
     with pytest.raises(SpecError) as info:
         read_manifest(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("text, bad_id, message", [
+    ("path,label,x0,y0,x1,y1\na.png,cat,1,2,3,4\nb.png,dog,5,2,3,4\n", "b",
+     "line 3: box [5, 2, 3, 4] is empty or has its corners swapped"),
+    ("path,label,x0,y0,x1,y1\na.png,cat,1,2,,4\nb.png,dog,1,2,3,4\n", "a", "line 2: give all of x0,y0,x1,y1 or none"),
+    ("path,label\na.png,cat\na.png,dog\nb.png,dog\n", "a", "line 3: a.png is labelled 'dog' here but 'cat' on line 2"),
+    ("path,label\na.png,\nb.png,dog\n", "a", "line 2: path and label must not be empty"),
+])
+def test_csv_bad_row_is_an_error_of_its_image_case_naming_the_line(tmp_path, text, bad_id, message):
+    path = tmp_path / "cases.csv"
+    path.write_text(text)
+    cases = {c.id: c for c in read_manifest(path).cases}
+    assert sorted(cases) == ["a", "b"] and sum(c.error is not None for c in cases.values()) == 1
+    assert str(cases[bad_id].error).startswith(f"{path}: {message}")
+
+
+def test_jsonl_bad_row_is_an_error_of_its_image_case(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text('{"path": "a.png", "label": "cat", "box": [3, 3, 1, 1]}\n'
+                    '{"path": "b.png", "label": "dog"}\n'
+                    '{"path": "c.png", "label": ""}\n')
+    a, b, c = read_manifest(path).cases
+    assert (a.label, b.error, c.label) == ("cat", None, None)
+    assert str(a.error).startswith(f"{path}: line 1: box [3, 3, 1, 1] is empty or has its corners swapped")
+    assert str(c.error).startswith(f"{path}: line 3: label must be a non-empty string, got ''")
 
 
 def test_jsonl_manifest_with_ids_and_several_boxes(tmp_path):

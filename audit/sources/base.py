@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from audit.errors import SpecError
+
 
 @dataclass(frozen=True)
 class Location:
@@ -34,11 +36,14 @@ class SourceCase:
     ``raw`` is the case in YAML form (``id``, ``image`` relative to ``base_dir`` or absolute, the kinds'
     keys, and optionally ``label``: the dataset's class, and ``annotations``: ``{name: region}``);
     ``lines`` maps key paths relative to the case to the line they were written on (YAML sources only).
+    ``error`` is set when the source's own record of the case is bad (a dataset's bad box): the case
+    then errors with it while the other cases run.
     """
 
     raw: Mapping[str, Any]
     location: Location
     lines: Mapping[str, int] = field(default_factory=dict)
+    error: SpecError | None = None
 
 
 class CaseSource:

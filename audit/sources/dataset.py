@@ -15,7 +15,8 @@ of every instance of each class; ``annotation`` is the case's own class). The sp
 say what to check (``expect: {top1_is_label: true}``, ``focus: {region: annotation}``), exactly as for
 hand-written cases. Paths are relative to the spec's folder. The reading itself is
 :mod:`audit.sources.readers`; images the set leaves out (no annotation, class not in ``labels_map``)
-are named in one warning, never dropped silently.
+are named in one warning, never dropped silently. An image with a bad record (a box with negative
+width, a malformed VOC file) is a case that errors with that record's message: the rest of the set runs.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ class DatasetSource(CaseSource):
         base = Path(ctx.base_dir)
         for case in readers.sample(read.cases, raw.get("limit")):
             yield SourceCase(raw=case_raw(case, base),
-                             location=Location(case.source, None, f"dataset[{case.id}]", record=case.record))
+                             location=Location(case.source, None, f"dataset[{case.id}]", record=case.record),
+                             error=case.error)
 
     def read(self, raw: Any, ctx: Any) -> readers.DatasetRead:
         """The whole set (before ``limit``); problems of the ``dataset:`` block or of the annotation
@@ -127,8 +129,9 @@ def case_raw(case: readers.DatasetCase, base_dir: Path) -> dict:
     """A dataset case in YAML form: what the spec builder merges ``defaults`` into (the image path
     relative to the spec's folder, as a hand-written case has it)."""
     image = case.image if case.image.is_absolute() else Path(os.path.relpath(case.image, base_dir))
-    return {"id": case.id, "image": image.as_posix(), "label": case.label, "labels": list(case.model_labels),
-            "annotations": {name: readers.region_of(parts) for name, parts in case.annotations.items()}}
+    raw = {"id": case.id, "image": image.as_posix(), "label": case.label, "labels": list(case.model_labels),
+           "annotations": {name: readers.region_of(parts) for name, parts in case.annotations.items()}}
+    return raw if case.label is not None else {k: v for k, v in raw.items() if k not in ("label", "labels")}
 
 
 def _existing(base: Path, value: str, key: str, ctx: Any, folder: bool) -> Path:

@@ -20,7 +20,10 @@ Rules every reader follows:
   through pycocotools, exactly as COCO's own evaluation rasterises them, and stay compressed
   (:class:`RLEMask`) until a case is prepared, so 10,000 cases cost a few MB.
 * Errors are :class:`~audit.errors.SpecError` naming the annotation file and the record
-  (``instances.json: annotation 1234: bbox has negative width``), raised for the first bad record.
+  (``instances.json: annotation 1234: bbox has negative width``). A bad record that belongs to one
+  image (a box, a polygon, an object of a VOC file, a manifest row) makes that image an errored case
+  (:attr:`DatasetCase.error`): one bad box must not stop the other 9,999 images. A problem of the file
+  itself (not JSON, no ``images`` list, a record naming no image) is raised: nothing can be read.
 """
 from __future__ import annotations
 
@@ -119,7 +122,9 @@ class DatasetCase:
     region as a spec region value: a list of parts, each ``{"box": [x0, y0, x1, y1]}`` or an
     :class:`RLEMask`; a list is a union. ``image_size`` is the (w, h) the annotation file declares
     (None when it declares none); the case source compares it with the decoded image.
-    ``source``/``record`` say where the case came from, for messages.
+    ``source``/``record`` say where the case came from, for messages. ``error`` is set when a record
+    of the image is bad: the case cannot run and reports that error (its ``label`` is the best guess
+    or None, its ``annotations`` empty).
     """
 
     id: str
@@ -130,6 +135,7 @@ class DatasetCase:
     image_size: tuple[int, int] | None
     source: Path
     record: str
+    error: SpecError | None = None
 
     @property
     def region(self) -> list | None:
@@ -254,6 +260,25 @@ def _box_area_union(boxes: Sequence[Sequence[float]], size: tuple[int, int] | No
     return float(covered.sum())
 
 
+def _errored_case(case_id: str, image: Path, named: Sequence[str], order: Sequence[str],
+                  labels_map: Mapping[str, tuple[str, ...]] | None, source: Path, record: str,
+                  error: SpecError) -> DatasetCase | None:
+    """The case of an image with a bad record: it errors with that record's message.
+
+    ``named`` are the classes its records name (good and bad ones, as far as they could be read). With a
+    ``labels_map`` that maps none of them the image would not be a case anyway, so it is skipped (None),
+    not made an error of a class nobody audits; when no class could be read it is an error (it may be one
+    of the audited ones). The label is the first usable class named, for the gates' per-class table.
+    """
+    usable = [c for c in order if c in named and (labels_map is None or c in labels_map)]
+    if named and not usable:
+        return None
+    label = usable[0] if usable else None
+    return DatasetCase(id=case_id, image=image, label=label,
+                       model_labels=_model_labels(label, labels_map) if label is not None else (),
+                       annotations={}, image_size=None, source=source, record=record, error=error)
+
+
 def _unique_ids(cases: list[DatasetCase], path: Path) -> None:
     seen: dict[str, str] = {}
     for case in cases:
@@ -302,6 +327,8 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
     labels_map = normalise_labels_map(labels_map, order, path.name)
 
     image_info: dict[int, tuple[str, int, int]] = {}
+    bad: dict[int, SpecError] = {}          # image id -> the first bad record of that image
+    bad_classes: dict[int, list[str]] = {}  # image id -> the classes its bad annotations name
     for i, img in enumerate(doc["images"]):
         iid = _int(img.get("id")) if isinstance(img, dict) else None
         if iid is None:
@@ -309,11 +336,12 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
         name, w, h = img.get("file_name"), _int(img.get("width")), _int(img.get("height"))
         if not isinstance(name, str) or not name:
             raise SpecError(f"image {iid}: file_name must be a non-empty string, got {name!r}", path)
-        if w is None or h is None or w <= 0 or h <= 0:
-            raise SpecError(f"image {iid}: width and height must be positive integers, "
-                            f"got {img.get('width')!r} x {img.get('height')!r}", path)
         if iid in image_info:
             raise SpecError(f"image {iid}: id used twice ({image_info[iid][0]} and {name})", path)
+        if w is None or h is None or w <= 0 or h <= 0:
+            bad[iid] = SpecError(f"image {iid}: width and height must be positive integers, "
+                                 f"got {img.get('width')!r} x {img.get('height')!r}", path)
+            w = h = 0
         image_info[iid] = (name, w, h)
 
     # per image, per class: boxes and RLEs of every instance
@@ -324,15 +352,25 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
         if not isinstance(ann, dict):
             raise SpecError(f"{record}: must be an object, got {ann!r}", path)
         iid, cid = ann.get("image_id"), ann.get("category_id")
-        if iid not in image_info:
+        if iid not in image_info:   # no image to hang the error on: the file is wrong
             raise SpecError(f"{record}: image_id {iid!r} is not in images", path)
-        if cid not in categories:
-            raise SpecError(f"{record}: category_id {cid!r} is not in categories", path)
-        name, w, h = image_info[iid]
-        box = _coco_bbox(ann.get("bbox"), w, h, record, path)
-        rle = None
-        if region == "segmentation" and ann.get("segmentation") not in (None, [], {}):
-            rle = _coco_rle(ann["segmentation"], w, h, record, path)
+        if iid in bad:
+            if cid in categories:
+                bad_classes.setdefault(iid, []).append(categories[cid])
+            continue
+        try:
+            if cid not in categories:
+                raise SpecError(f"{record}: category_id {cid!r} is not in categories", path)
+            name, w, h = image_info[iid]
+            box = _coco_bbox(ann.get("bbox"), w, h, record, path)
+            rle = None
+            if region == "segmentation" and ann.get("segmentation") not in (None, [], {}):
+                rle = _coco_rle(ann["segmentation"], w, h, record, path)
+        except SpecError as exc:
+            bad[iid] = exc
+            if cid in categories:
+                bad_classes.setdefault(iid, []).append(categories[cid])
+            continue
         boxes, rles = parts.setdefault(iid, {}).setdefault(categories[cid], ([], []))
         if rle is not None:
             rles.append(rle)
@@ -345,6 +383,14 @@ def read_coco(path: Path | str, images: Path | str, labels_map: Mapping[str, Any
     for iid, (name, w, h) in image_info.items():
         record = f"image {iid} ({name})"
         per_class = parts.get(iid)
+        if iid in bad:
+            named = [*(per_class or {}), *bad_classes.get(iid, ())]
+            case = _errored_case(_case_id(name), images / name, named, order, labels_map, path, record, bad[iid])
+            if case is None:
+                skipped.append(f"{record}: none of its classes ({', '.join(dict.fromkeys(named))}) is in labels_map")
+            else:
+                cases.append(case)
+            continue
         if not per_class:
             skipped.append(f"{record}: no annotation, so no label")
             continue
@@ -479,13 +525,31 @@ def read_voc(folder: Path | str, images: Path | str | None = None,
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".xml" and not p.name.startswith("."))
     if not files:
         raise SpecError("holds no .xml annotation files", folder)
-    parsed = [_voc_file(p) for p in files]
-    order = list(dict.fromkeys(cls for _, _, objects in parsed for cls, _ in objects))
+    parsed: list[tuple[str, tuple[int, int] | None, list] | SpecError] = []
+    named: list[str] = []   # every class, also those of files that failed validation
+    for xml in files:
+        try:
+            parsed.append(_voc_file(xml))
+            named += [cls for cls, _ in parsed[-1][2]]
+        except SpecError as exc:   # this image's case errors; the other files are still read
+            parsed.append(exc)
+            named += _voc_names(xml)
+    order = list(dict.fromkeys(named))
     labels_map = normalise_labels_map(labels_map, order, f"{folder}")
     cases: list[DatasetCase] = []
     skipped: list[str] = []
-    for xml, (name, size, objects) in zip(files, parsed):
+    for xml, entry in zip(files, parsed):
         record = xml.name
+        if isinstance(entry, SpecError):
+            name = _voc_filename(xml) or xml.stem
+            case = _errored_case(_case_id(name), _voc_image(images, name), _voc_names(xml), order, labels_map,
+                                 xml, record, entry)
+            if case is None:
+                skipped.append(f"{record}: none of its classes is in labels_map")
+            else:
+                cases.append(case)
+            continue
+        name, size, objects = entry
         if not objects:
             skipped.append(f"{record}: no object, so no label")
             continue
@@ -514,6 +578,26 @@ def _voc_image(images: Path, name: str) -> Path:
         if candidate.exists():
             return candidate
     return path
+
+
+def _voc_root(xml: Path) -> ET.Element | None:
+    try:
+        return ET.parse(xml).getroot()
+    except (ET.ParseError, OSError):
+        return None
+
+
+def _voc_filename(xml: Path) -> str | None:
+    """The ``<filename>`` of a VOC file that failed validation, when it can be parsed at all (the case id
+    stays the one the fixed file will give)."""
+    root = _voc_root(xml)
+    return ((root.findtext("filename") or "").strip() or None) if root is not None else None
+
+
+def _voc_names(xml: Path) -> list[str]:
+    """The object classes a VOC file that failed validation names, as far as it parses."""
+    root = _voc_root(xml)
+    return [] if root is None else [n for n in ((o.findtext("name") or "").strip() for o in root.findall("object")) if n]
 
 
 def _voc_file(xml: Path) -> tuple[str, tuple[int, int] | None, list[tuple[str, tuple]]]:
@@ -627,30 +711,41 @@ def read_manifest(path: Path | str, images: Path | str | None = None,
     if not rows:
         raise SpecError("manifest has no rows", path)
 
-    order = list(dict.fromkeys(label for _, _, label, _, _ in rows))
+    order = list(dict.fromkeys(label for _, _, label, _, _, _ in rows if label))
     labels_map = normalise_labels_map(labels_map, order, path.name)
     merged: dict[str, dict] = {}
     ids: dict[str, str] = {}
-    for record, image, label, case_id, boxes in rows:
+    for record, image, label, case_id, boxes, error in rows:
         entry = merged.get(image)
         if entry is None:
             case_id = case_id or _case_id(image)
             if case_id in ids:
                 raise SpecError(f"{record}: case id {case_id!r} is used twice (also {ids[case_id]})", path)
             ids[case_id] = record
-            merged[image] = {"record": record, "label": label, "id": case_id, "boxes": list(boxes)}
+            merged[image] = {"record": record, "label": label, "id": case_id, "boxes": list(boxes), "error": error}
             continue
-        if entry["label"] != label:
-            raise SpecError(f"{record}: {image} is labelled {label!r} here but {entry['label']!r} on "
-                            f"{entry['record']}; one image has one label", path)
-        if case_id and case_id != entry["id"]:
-            raise SpecError(f"{record}: {image} has id {case_id!r} here but {entry['id']!r} on "
-                            f"{entry['record']}", path)
+        if entry["error"] is None and error is not None:
+            entry["error"] = error
+        elif entry["error"] is None and label and entry["label"] and entry["label"] != label:
+            entry["error"] = SpecError(f"{record}: {image} is labelled {label!r} here but {entry['label']!r} "
+                                       f"on {entry['record']}; one image has one label", path)
+        elif entry["error"] is None and case_id and case_id != entry["id"]:
+            entry["error"] = SpecError(f"{record}: {image} has id {case_id!r} here but {entry['id']!r} on "
+                                       f"{entry['record']}", path)
         entry["boxes"].extend(boxes)
+        entry["label"] = entry["label"] or label
     cases: list[DatasetCase] = []
     skipped: list[str] = []
     for image, entry in merged.items():
         label = entry["label"]
+        if entry["error"] is not None:
+            case = _errored_case(entry["id"], base / image, [label] if label else [], order, labels_map, path,
+                                 entry["record"], entry["error"])
+            if case is None:
+                skipped.append(f"{entry['record']}: class {label!r} is not in labels_map")
+            else:
+                cases.append(case)
+            continue
         if labels_map is not None and label not in labels_map:
             skipped.append(f"{entry['record']}: class {label!r} is not in labels_map")
             continue
@@ -698,32 +793,43 @@ def _csv_rows(path: Path):
         try:
             for row in reader:
                 record = f"line {reader.line_num}"
-                if None in row:
-                    raise SpecError(f"{record}: more fields than the header has columns", path)
                 image, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-                if not image or not label:
-                    raise SpecError(f"{record}: path and label must not be empty", path)
-                boxes = []
-                if box_cols:
-                    cells = [(row.get(c) or "").strip() for c in _BOX_COLUMNS]
-                    if any(cells) and not all(cells):
-                        raise SpecError(f"{record}: give all of x0,y0,x1,y1 or none, got "
-                                        f"{','.join(cells)}", path)
-                    if all(cells):
-                        try:
-                            values = [float(c) for c in cells]
-                        except ValueError:
-                            raise SpecError(f"{record}: box values must be numbers, got {','.join(cells)}",
-                                            path) from None
-                        if not all(math.isfinite(v) for v in values):
-                            raise SpecError(f"{record}: box values must be finite, got {','.join(cells)}",
-                                            path)
-                        boxes.append(_manifest_box(values, record, path))
-                yield record, image, label, (row.get("id") or "").strip() or None, boxes
+                case_id = (row.get("id") or "").strip() or None
+                try:
+                    boxes = _csv_boxes(row, image, label, box_cols, record, path)
+                except SpecError as exc:
+                    if not image:   # no image to hang the error on
+                        raise
+                    yield record, image, label, case_id, [], exc
+                    continue
+                yield record, image, label, case_id, boxes, None
         except UnicodeDecodeError:
             raise SpecError(f"line {reader.line_num + 1}: not UTF-8 text", path) from None
         except csv.Error as exc:
             raise SpecError(f"line {reader.line_num}: not valid CSV: {exc}", path) from None
+
+
+def _csv_boxes(row: Mapping[Any, Any], image: str, label: str, box_cols: Sequence[str], record: str,
+               path: Path) -> list[tuple[float, ...]]:
+    """The boxes of one CSV row, after checking the row (a SpecError names the row)."""
+    if None in row:
+        raise SpecError(f"{record}: more fields than the header has columns", path)
+    if not image or not label:
+        raise SpecError(f"{record}: path and label must not be empty", path)
+    if not box_cols:
+        return []
+    cells = [(row.get(c) or "").strip() for c in _BOX_COLUMNS]
+    if not any(cells):
+        return []
+    if not all(cells):
+        raise SpecError(f"{record}: give all of x0,y0,x1,y1 or none, got {','.join(cells)}", path)
+    try:
+        values = [float(c) for c in cells]
+    except ValueError:
+        raise SpecError(f"{record}: box values must be numbers, got {','.join(cells)}", path) from None
+    if not all(math.isfinite(v) for v in values):
+        raise SpecError(f"{record}: box values must be finite, got {','.join(cells)}", path)
+    return [_manifest_box(values, record, path)]
 
 
 def _jsonl_rows(path: Path):
@@ -753,17 +859,29 @@ def _jsonl_rows(path: Path):
         image, label, case_id = row.get("path"), row.get("label"), row.get("id")
         if not isinstance(image, str) or not image.strip():
             raise SpecError(f"{record}: path must be a non-empty string, got {image!r}", path)
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
-            raise SpecError(f"{record}: label must be a non-empty string, got {label!r}", path)
-        if case_id is not None and (not isinstance(case_id, str) or not case_id.strip()):
-            raise SpecError(f"{record}: id must be a non-empty string, got {case_id!r}", path)
-        raw_boxes = ([row["box"]] if "box" in row else []) + list(row.get("boxes") or [])
-        if "boxes" in row and not isinstance(row["boxes"], list):
-            raise SpecError(f"{record}: boxes must be a list of [x0, y0, x1, y1]", path)
-        boxes = []
-        for raw in raw_boxes:
-            values = [_number(v) for v in raw] if isinstance(raw, list) and len(raw) == 4 else None
-            if values is None or None in values:
-                raise SpecError(f"{record}: a box is 4 numbers [x0, y0, x1, y1], got {raw!r}", path)
-            boxes.append(_manifest_box(values, record, path))
-        yield record, image.strip(), str(label).strip(), case_id.strip() if case_id else None, boxes
+        usable_label = not isinstance(label, bool) and isinstance(label, (str, int)) and str(label).strip() != ""
+        usable_id = case_id is None or (isinstance(case_id, str) and case_id.strip() != "")
+        try:   # from here on the row names its image: a problem is that image's case's error
+            if not usable_label:
+                raise SpecError(f"{record}: label must be a non-empty string, got {label!r}", path)
+            if not usable_id:
+                raise SpecError(f"{record}: id must be a non-empty string, got {case_id!r}", path)
+            boxes = _jsonl_boxes(row, record, path)
+        except SpecError as exc:
+            boxes, error = [], exc
+        else:
+            error = None
+        yield (record, image.strip(), str(label).strip() if usable_label else "",
+               case_id.strip() if case_id and usable_id else None, boxes, error)
+
+
+def _jsonl_boxes(row: Mapping[str, Any], record: str, path: Path) -> list[tuple[float, ...]]:
+    if "boxes" in row and not isinstance(row["boxes"], list):
+        raise SpecError(f"{record}: boxes must be a list of [x0, y0, x1, y1]", path)
+    boxes = []
+    for raw in ([row["box"]] if "box" in row else []) + list(row.get("boxes") or []):
+        values = [_number(v) for v in raw] if isinstance(raw, list) and len(raw) == 4 else None
+        if values is None or None in values:
+            raise SpecError(f"{record}: a box is 4 numbers [x0, y0, x1, y1], got {raw!r}", path)
+        boxes.append(_manifest_box(values, record, path))
+    return boxes

@@ -300,6 +300,8 @@ class _CaseBuilder:
         location = found.location
         case_kp = location.key_path
         errors = [_error_at(self.path, self.lines, parts, message) for parts, message in schema_problems]
+        if found.error is not None:   # the source's record of this case is bad (a dataset's bad box)
+            errors.append(found.error)
         raw = found.raw if isinstance(found.raw, dict) else {}
         case_id = self._claim_id(raw, case_kp, errors, location)
         merged, origin = self._merge(raw, case_kp)
@@ -314,7 +316,7 @@ class _CaseBuilder:
             case = self._typed(merged, raw, ctx, case_id, location, lines_rel)
             if not errors:
                 return case
-        return self._errored(case_id or case_kp, merged, location, lines_rel, errors)
+        return self._errored(case_id or case_kp, merged, location, lines_rel, errors, raw)
 
     def _claim_id(self, raw: dict, case_kp: str, errors: list[SpecError], location: Location) -> str | None:
         """The case id when usable; a repeated id is an error on the second case."""
@@ -434,7 +436,7 @@ class _CaseBuilder:
         return tuple(names), args
 
     def _errored(self, case_id: str, merged: dict, location: Location, lines_rel: dict[str, int],
-                 errors: list[SpecError]) -> CaseSpec:
+                 errors: list[SpecError], raw: Mapping[str, Any] | None = None) -> CaseSpec:
         """A case that cannot run, with what is known so the plugin can name and mark it."""
         image = merged.get("image")
         marks = merged.get("marks")
@@ -446,7 +448,7 @@ class _CaseBuilder:
                         features=(),
                         marks=names, mark_args=MappingProxyType(args),
                         location=location, lines=MappingProxyType(lines_rel), error=_combine(errors),
-                        spec_path=self.path)
+                        spec_path=self.path, label=raw.get("label") if isinstance(raw, dict) else None)
 
 
 class _Context:
