@@ -257,6 +257,7 @@ class SpecFile(pytest.File):
             yield BrokenSpecItem.from_parent(self, name="spec", error=exc)
             return
         _register_marks(self.config, spec)
+        _audit(self.config).specs[str(spec.path)] = spec   # the end-of-run summaries read it, not the file
         for case in spec.cases:
             yield CaseNode.from_parent(self, name=case.id, spec=spec, case=case)
         for kind in _audit(self.config).spec_kinds_for(spec):

@@ -45,6 +45,8 @@ class Region:
     centre is a ``SpecError``); ``describe`` never raises.
     """
 
+    __slots__ = ()   # the shapes below keep slots: a golden set holds one region per annotated case
+
     def mask(self, image_size: tuple[int, int], base_dir: Path | str = ".") -> np.ndarray:
         raise NotImplementedError
 
@@ -61,7 +63,7 @@ class Region:
         return self.describe()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Box(Region):
     """``[x0, y0, x1, y1]`` in pixels of the original image, x1/y1 exclusive; fractional corners allowed."""
 
@@ -105,7 +107,7 @@ class RelBox(Box):
         return f"box_rel {_fmt_value(list(self.corners()))}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Polygon(Region):
     """Points ``[[x, y], ...]`` in pixels; even-odd rule on pixel centres, half-open boundary."""
 
@@ -129,7 +131,7 @@ class Polygon(Region):
         return f"polygon ({n} point{'s' if n != 1 else ''})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MaskFile(Region):
     """An image file of the image's size (relative to the spec's folder); non-zero pixels are inside."""
 
@@ -147,7 +149,7 @@ class MaskFile(Region):
         return f"mask {self.path}"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class MaskArray(Region):
     """An in-memory bool mask (h, w) of the original image, e.g. a COCO segmentation decoded by pycocotools.
 
@@ -172,7 +174,7 @@ class MaskArray(Region):
         return self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Union(Region):
     """The union of its parts; every part is validated on its own (a union never hides an empty part)."""
 

@@ -33,7 +33,7 @@ from audit.registry import Registry
 from audit.spec import CaseSpec, ModelSpec, Spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CaseRef:
     """A case as the session knows it: where it comes from and the node id prefix of its items."""
 
@@ -193,6 +193,7 @@ class AuditSession:
         self.batch_size = max(1, batch_size)
         self.cache_size = cache_size or 4 * self.batch_size
         self.refs: dict[str, CaseRef] = {}
+        self.specs: dict[str, Spec] = {}   # the specs collected in this process, by their path as written
         self._queue: dict[tuple, list[str]] = {}
         self._position: dict[str, int] = {}   # a case's index in its model's queue
         self._engines: dict[tuple, Any] = {}

@@ -33,7 +33,7 @@ class CaseResults:
     def __init__(self, share_dir: Path | None = None, worker_id: str | None = None):
         self.share_dir = Path(share_dir) if share_dir else None
         self.worker_id = worker_id
-        self.cases: dict[str, dict] = {}
+        self.cases: dict[str, _SetCase] = {}
         self.expected: dict[str, tuple[str, int]] = {}   # case node id -> (spec path, its selected checks)
         self._file = None
 
@@ -78,11 +78,14 @@ class CaseResults:
 
     # -- store -------------------------------------------------------------------------------------
     def _add(self, line: dict) -> None:
-        case = self.cases.setdefault(line["case"], {"record": line["record"], "checks": {}})
-        if line["record"].get("top_k") and not case["record"].get("top_k"):
-            case["record"] = line["record"]
-        case["checks"][line["check"]] = {"kind": _shared(line["kind"]), "outcome": _shared(line["outcome"]),
-                                         "metrics": line["metrics"]}
+        case = self.cases.get(line["case"])
+        if case is None:
+            case = self.cases[line["case"]] = _SetCase(line["record"])
+        elif line["record"].get("top_k") and not case.top1:
+            case.take(line["record"])
+        case.checks[line["check"]] = (_shared(line["kind"]), _shared(line["outcome"]),
+                                      tuple((_shared(m["name"]), m.get("value"), m.get("passed"))
+                                            for m in line["metrics"]))
 
     def _write(self, line: dict) -> None:
         if self._file is None:
@@ -103,8 +106,9 @@ class CaseResults:
                         self._add(json.loads(text))
 
     # -- readers -----------------------------------------------------------------------------------
-    def for_spec(self, spec_path: Any, wait_s: float = WAIT_S) -> tuple[list[dict], list[str]]:
-        """The selected cases of one spec with every selected check, and the ones still missing.
+    def for_spec(self, spec_path: Any, wait_s: float = WAIT_S) -> tuple["_CaseViews", list[str]]:
+        """The selected cases of one spec with every selected check (``{"nodeid", "record", "checks"}``,
+        each built when it is read), and the ones still missing.
 
         Waits while records of other workers keep arriving; gives up after ``wait_s`` without progress.
         """
@@ -112,8 +116,8 @@ class CaseResults:
         last_progress, seen = time.monotonic(), -1
         while True:
             self._read_shared()
-            missing = [case for case, n in wanted.items() if len(self.cases.get(case, {}).get("checks", {})) < n]
-            have = sum(len(self.cases.get(case, {}).get("checks", {})) for case in wanted)
+            missing = [case for case, n in wanted.items() if case not in self.cases or len(self.cases[case].checks) < n]
+            have = sum(len(self.cases[case].checks) for case in wanted if case in self.cases)
             if not missing or self.share_dir is None:
                 break
             if have != seen:
@@ -121,10 +125,47 @@ class CaseResults:
             elif time.monotonic() - last_progress > wait_s:
                 break
             time.sleep(0.2)
-        found = [{"nodeid": case, **self.cases[case]} for case in wanted if case in self.cases]
-        return found, missing
+        return _CaseViews([(case, self.cases[case]) for case in wanted if case in self.cases]), missing
 
 
 def _shared(text: str | None) -> str | None:
     """One string object for each kind name and outcome, not one per check of a 10,000-case run."""
     return sys.intern(text) if isinstance(text, str) else text
+
+
+class _SetCase:
+    """What a set-level gate reads of one case, in slots and tuples: the dicts a gate reads are built
+    one case at a time (``_CaseViews``); held as dicts they were ~1 KB a case of a 10,000-case run."""
+
+    __slots__ = ("case_id", "top1", "error", "checks")
+
+    def __init__(self, record: dict) -> None:
+        self.checks: dict[str, tuple[str | None, str | None, tuple]] = {}   # check node id -> kind, outcome, metrics
+        self.take(record)
+
+    def take(self, record: dict) -> None:
+        top_k = record.get("top_k") or []
+        self.case_id = record.get("case_id")
+        self.top1 = (top_k[0].get("label"),) if top_k else ()
+        self.error = bool(record.get("error"))
+
+    def as_dict(self, nodeid: str) -> dict:
+        return {"nodeid": nodeid,
+                "record": {"case_id": self.case_id, "top_k": [{"label": label} for label in self.top1],
+                           "error": self.error},
+                "checks": {check: {"kind": kind, "outcome": outcome,
+                                   "metrics": [{"name": n, "value": v, "passed": p} for n, v, p in metrics]}
+                           for check, (kind, outcome, metrics) in self.checks.items()}}
+
+
+class _CaseViews:
+    """A spec's cases as the dicts :func:`audit.gates.outcome_of` reads, each built when it is read."""
+
+    def __init__(self, cases: list[tuple[str, _SetCase]]) -> None:
+        self._cases = cases
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __iter__(self):
+        return (case.as_dict(nodeid) for nodeid, case in self._cases)

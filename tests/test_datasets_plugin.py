@@ -85,6 +85,16 @@ def test_each_format_gives_one_case_per_image_with_the_annotated_region(tmp_path
         assert focus.pointing_game and focus.min_energy == 0.4
 
 
+def test_a_datasets_cases_share_their_key_lines_and_point_them_at_the_defaults(tmp_path):
+    """10,000 cases of one dataset have equal key lines: one mapping for all of them, still right."""
+    spec = load_spec(golden(tmp_path, "coco"))
+    first, *others = spec.cases
+    assert all(case.lines is first.lines and case.mark_args is first.mark_args for case in others)
+    defaults_line = spec.path.read_text().splitlines().index(
+        "  focus: {region: annotation, pointing_game: true, min_energy: 0.4}") + 1
+    assert first.line_of("focus.min_energy") == defaults_line and others[-1].line_of("focus") == defaults_line
+
+
 def test_limit_is_a_deterministic_sample(tmp_path):
     path = golden(tmp_path, "coco", n=30, extra="")
     text = path.read_text().replace("  annotation: bbox", "  annotation: bbox\n  limit: 7")

@@ -68,6 +68,23 @@ def test_baselines_of_a_deleted_case_are_listed_and_removed_on_request(pytester,
     assert len(list((pytester.path / "baselines" / "gate").glob("*.json"))) == 2
 
 
+def test_the_end_of_run_summary_reads_the_specs_collected_not_the_files_again(pytester, spec):
+    """A 10,000-case dataset spec must not be parsed a second time for the summary lines (it doubled the
+    run's peak memory for them): the unused baselines are found from the spec as collected, even when
+    the file changed after collection."""
+    pytester.runpytest("-p", "no:cacheprovider", "--audit-update-baselines")
+    write_cases(spec, cases_of(spec)[:2])
+    pytester.makeconftest("""
+        from pathlib import Path
+
+        def pytest_collection_finish(session):
+            Path("gate.yaml").write_text("model: [this is not a spec")
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["model-audit baselines: 1 unused", "  unused: *.json"])
+
+
 @pytest.mark.parametrize("args", [["nothere"], ["-k", "nomatch"]])
 def test_a_run_that_collects_no_case_keeps_the_last_good_report(pytester, spec, args):
     pytester.runpytest("-p", "no:cacheprovider", "--audit-report", "rep").assert_outcomes(passed=3)

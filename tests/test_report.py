@@ -843,3 +843,30 @@ def test_the_page_reads_cases_one_at_a_time_from_a_lazy_sequence(report_dir):
     root = parse(R.write_report(out, run_dict(), Lazy(), run_id))
     assert len(cards(root)) == 3
     assert sorted(reads) == sorted([0, 1, 2] * 3)   # results.json, the table pass, the card pass
+
+
+def test_the_picture_writer_holds_a_bounded_queue_and_still_reports_an_early_failure():
+    """10,000 cases must not keep 10,000 futures (or a backlog of pixels): finished jobs are dropped as
+    new ones come, at most MAX_PENDING wait, and a job that failed long before ``flush`` still fails it."""
+    import threading
+
+    from audit.report.assets import _AssetWriter
+
+    writer = _AssetWriter()
+    writer.MAX_PENDING = 4
+    gate = threading.Event()
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    writer.submit(fail)
+    threading.Timer(0.3, gate.set).start()   # the jobs block until then: the queue fills up
+    most = 0
+    for _ in range(40):
+        writer.submit(gate.wait, 5)
+        most = max(most, len(writer._pending))
+    assert most <= writer.MAX_PENDING
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    writer.flush()   # the failure is said once; a new run starts clean
+    assert not writer._pending

@@ -19,7 +19,7 @@ REGION_METRICS = ("min_energy", "pointing_game", "min_iou", "min_rank_accuracy",
 CURVE_METRICS = ("max_deletion_auc", "min_insertion_auc")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Focus:
     """Focus expectations with their defaults applied; ``region``/``avoid`` are typed regions."""
 

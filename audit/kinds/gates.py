@@ -9,7 +9,7 @@ result into a ``CheckResult`` whose failure message carries the per-class table.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterable
 
 from audit import gates as G
 from audit.baselines import BaselineStore
@@ -106,7 +106,7 @@ class GatesKind(CheckKind):
         return G.evaluate_gates(metrics, gates, baseline)
 
 
-def outcomes(spec: Any, cases: list[dict]) -> list[G.CaseOutcome]:
+def outcomes(spec: Any, cases: Iterable[dict]) -> list[G.CaseOutcome]:
     """The gate outcome of each case that ran; labels come from the spec (dataset cases carry theirs)."""
     labels = {c.id: (c.label if c.label is not None else _expected_top1(c)) for c in spec.cases}
     found = []

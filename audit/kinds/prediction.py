@@ -8,7 +8,7 @@ from audit import checks
 from audit.kinds.base import CheckKind, Needs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Expect:
     """Prediction expectations; labels stay raw (a name or an index): the model resolves them."""
 

@@ -9,6 +9,7 @@ colormap and height, shared by the cases (``_shared_colorbar``). ``safe_stem`` n
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import os
@@ -48,11 +49,19 @@ class _AssetWriter:
     idles while pytest runs its items, the report costs the run far less. ``flush()`` waits for every
     pending file and re-raises the first failure; the page is only written after it, and xdist workers
     flush before they finish.
+
+    Memory stays flat in the number of cases: finished jobs are dropped (their first failure is kept
+    for ``flush``) instead of holding one ``Future`` per case to the end (~1.5 KB each: 15 MB at 10,000
+    cases), and when ``MAX_PENDING`` jobs wait, ``submit`` waits for the oldest, so a thread that falls
+    behind never queues the pixels of the whole run.
     """
+
+    MAX_PENDING = 256
 
     def __init__(self) -> None:
         self._pool: Any = None
-        self._pending: list[Any] = []
+        self._pending: collections.deque = collections.deque()
+        self._error: BaseException | None = None
 
     def submit(self, fn: Any, *args: Any) -> None:
         if self._pool is None:
@@ -60,13 +69,20 @@ class _AssetWriter:
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-audit-assets")
         self._pending.append(self._pool.submit(fn, *args))
+        while self._pending and (self._pending[0].done() or len(self._pending) > self.MAX_PENDING):
+            self._keep_error(self._pending.popleft())   # waits when the oldest is not done yet
+
+    def _keep_error(self, future: Any) -> None:
+        error = future.exception()
+        if error is not None and self._error is None:
+            self._error = error
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
-        for error in errors:
-            if error is not None:
-                raise error
+        while self._pending:
+            self._keep_error(self._pending.popleft())
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 _WRITER = _AssetWriter()

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 from audit.errors import SpecError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     """Where something was written: a spec line (``path:12``) or a record of an annotation file."""
 

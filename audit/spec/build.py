@@ -56,7 +56,7 @@ class ModelSpec:
                 str(self.labels) if self.labels else None, seed)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FeatureRequest:
     """A layer to draw as a feature-map grid; ``max_channels`` None means all channels."""
 
@@ -64,7 +64,7 @@ class FeatureRequest:
     max_channels: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # 10,000 cases of a golden set: no __dict__ each
 class CaseSpec:
     """One case with the spec's defaults merged in.
 
@@ -274,6 +274,9 @@ class _SourceContext:
         return SpecError(message, self.path, None if record else self.line_of(key_path), key_path or None)
 
 
+_SHARED_MAX = 64
+
+
 class _CaseBuilder:
     """Builds one ``CaseSpec`` per source case: merges defaults, lets each check kind type its key,
     checks what is common to every case (id, image), keeps lines."""
@@ -293,6 +296,19 @@ class _CaseBuilder:
         for key_path, span in lines.items():
             self.buckets.setdefault(_top_segment(key_path), {})[key_path] = span
         self.first_id_line: dict[str, int] = {}
+        self._shared: dict[tuple, MappingProxyType] = {}
+
+    def shared(self, mapping: Mapping) -> MappingProxyType:
+        """One read-only mapping for equal small mappings (a dataset's cases all have the same key lines
+        and no mark arguments): 10,000 cases need not hold 10,000 equal copies. Keyed by the items, so
+        only for mappings of hashable values; past ``_SHARED_MAX`` different ones, each gets its own."""
+        key = tuple(mapping.items())
+        found = self._shared.get(key)
+        if found is None:
+            found = MappingProxyType(dict(mapping))
+            if len(self._shared) < _SHARED_MAX:
+                self._shared[key] = found
+        return found
 
     # -- one case
 
@@ -401,10 +417,12 @@ class _CaseBuilder:
             configs[kind.name] = kind.parse(merged.get(kind.key), ctx)
         if ctx.errors:
             return None
+        marks, mark_args = self._marks(merged)
+        from_record = location.record is not None   # a dataset's cases: the same lines, case after case
         return CaseSpec(id=case_id or location.key_path, image=image, top_k=top_k,
                         checks=MappingProxyType(configs), features=_features(merged.get("features", ())),
-                        marks=self._marks(merged)[0], mark_args=MappingProxyType(self._marks(merged)[1]),
-                        location=location, lines=MappingProxyType(lines_rel),
+                        marks=marks, mark_args=self.shared(mark_args) if not mark_args else MappingProxyType(mark_args),
+                        location=location, lines=self.shared(lines_rel) if from_record else MappingProxyType(lines_rel),
                         spec_path=self.path, label=ctx.label, annotations=MappingProxyType(dict(ctx.annotations)),
                         labels=ctx.labels)
 
