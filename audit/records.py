@@ -44,6 +44,7 @@ class CaseRecord:
     cam_method: str | None = None
     observe_s: float | None = None
     record: str | None = None
+    label: str | None = None        # the class a dataset source gave the case (the report's per-class views)
     checks: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = RECORD_SCHEMA
 
@@ -73,10 +74,10 @@ def default_channels(channels: int) -> int:
 
 
 def error_record(nodeid: str, spec: str, line: int | None, case_id: str, model: str | None, image: str | None,
-                 error: str | None, record: str | None = None) -> CaseRecord:
+                 error: str | None, record: str | None = None, label: Any = None) -> CaseRecord:
     """The record of a case that could not be observed (bad input, model unavailable, broken spec)."""
     return CaseRecord(nodeid=nodeid, spec=spec, line=line, case_id=case_id, model=model, image=image,
-                      error=error, record=record)
+                      error=error, record=record, label=None if label is None else str(label))
 
 
 def build(observation: Any, kinds: list[Any], model: str) -> CaseRecord:
@@ -109,4 +110,5 @@ def build(observation: Any, kinds: list[Any], model: str) -> CaseRecord:
                                 e.features[f.layer].shape[0])}
                   for f in case.features],
         kinds=sections, cam_layer=e.cam_layer, cam_method=getattr(e, "cam_method", None),
-        observe_s=observation.seconds, record=case.location.record)
+        observe_s=observation.seconds, record=case.location.record,
+        label=None if case.label is None else str(case.label))

@@ -82,7 +82,7 @@ class ResultCollector:
         if planned is None:   # one string per case, shared by its checks' items
             planned = self._planned_json[ref.nodeid] = records.error_record(
                 ref.nodeid, str(ref.spec.path), case.location.line, case.id, model_label(ref.model),
-                str(case.image), None, case.location.record).to_json()
+                str(case.image), None, case.location.record, case.label).to_json()
         item.user_properties.append((CASE_PROP, planned))
 
     def forget(self, nodeid: str) -> None:
@@ -112,7 +112,8 @@ class ResultCollector:
         case = ref.case
         if observation is None:
             return records.error_record(ref.nodeid, str(ref.spec.path), case.location.line, case.id,
-                                        model_label(ref.model), str(case.image), error, case.location.record)
+                                        model_label(ref.model), str(case.image), error, case.location.record,
+                                        case.label)
         kinds = audit.kinds_for(case)
         record = records.build(observation, kinds, model_label(ref.model))
         if self.asset_dir is not None:

@@ -178,6 +178,38 @@ def test_a_dataset_spec_runs_its_cases_and_gates(pytester):
     assert set(outcomes.values()) == {"passed"}, outcomes
 
 
+def test_the_report_overview_shows_the_top1_confusion_and_histograms_of_the_set(pytester):
+    """The page opens on the set: expected class against predicted top-1 (counted here from the
+    generator's truth and results.json, independently of the page code) and the two histograms."""
+    import re
+
+    golden(pytester.path, "coco", n=24, arch="shapes_vgg_shortcut")   # no marker: the twin confuses classes
+    pytester.runpytest("-p", "no:cacheprovider", "--audit-report", "rep")
+    truth = {Path(rel).stem: entry["label"]
+             for rel, entry in json.loads((pytester.path / "set" / "truth.json").read_text())["images"].items()}
+    results = json.loads((pytester.path / "rep" / "results.json").read_text())
+    expected: dict[tuple[str, str], int] = {}
+    for case in results["cases"]:
+        if case["case_id"] in truth:
+            key = (truth[case["case_id"]], case["top_k"][0]["label"] if case["top_k"] else "error")
+            expected[key] = expected.get(key, 0) + 1
+    assert any(e != p for e, p in expected), "the shortcut twin should confuse some classes"
+    page = (pytester.path / "rep" / "index.html").read_text()
+    table = page[page.index('<table class="confusion">'):]
+    table = table[:table.index("</table>")]
+    columns = re.findall(r"<th>([^<]*)</th>", table.split("</thead>")[0])[1:-1]
+    shown = {}
+    for label, cells in re.findall(r"<tr><th>([^<]*)</th>(.*?)</tr>", table.split("<tbody>")[1], re.S):
+        counts = re.findall(r'<td class="num[^"]*">([^<]*)</td>', cells)[:-1]
+        shown.update({(label, col): int(n) for col, n in zip(columns, counts) if n})
+    assert shown == expected
+    assert "most frequent confusions:" in page
+    for name in ("top-1 probability", "energy inside the region"):
+        block = page[page.index(f"<h2>{name}</h2>"):]
+        block = block[:block.index("</table>")]
+        assert sum(int(n) for n in re.findall(r'<td class="num">(\d+)</td>', block)) == 24
+
+
 def test_gates_skip_when_no_case_is_selected_and_fail_with_a_class_table(pytester):
     golden(pytester.path, "coco", arch="shapes_vgg_shortcut")
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "gates", "-rs")

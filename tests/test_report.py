@@ -870,3 +870,20 @@ def test_the_picture_writer_holds_a_bounded_queue_and_still_reports_an_early_fai
         writer.flush()
     writer.flush()   # the failure is said once; a new run starts clean
     assert not writer._pending
+
+
+def test_overview_of_a_set_with_many_classes_lists_confusions_instead_of_a_matrix():
+    views = [{"expected_class": f"c{i}", "top1": {"label": f"c{i}" if i % 3 else "c0", "prob": 0.5 + i / 100},
+              "energy": None} for i in range(30)]
+    views.append({"expected_class": "c1", "top1": None, "energy": 0.95})   # an errored case: no top-1
+    views.append({"expected_class": None, "top1": {"label": "c5", "prob": 1.0}, "energy": 1.0})
+    out = report_page._overview(views)
+    assert out["confusion"] is None   # 30 classes: no 30 x 30 table
+    assert out["confusions"][0] == {"count": 1, "expected": "c1", "predicted": "error"}
+    assert len(out["confusions"]) == 10 and all(c["expected"] != c["predicted"] for c in out["confusions"])
+    probability, energy = out["histograms"]
+    assert probability["n"] == 31 and [b["count"] for b in probability["bins"]][5:] == [10, 10, 10, 0, 1]
+    assert energy["n"] == 2 and energy["bins"][-1]["count"] == 2   # 1.0 falls in the last bin
+    small = report_page._overview(views[:3])
+    assert small["confusion"]["columns"] == ["c0", "c1", "c2"]
+    assert [[cell["count"] for cell in r["cells"]] for r in small["confusion"]["rows"]] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]

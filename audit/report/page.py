@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import statistics
+import sys
 from pathlib import Path
 from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -423,7 +424,10 @@ def _case_view(case: Mapping[str, Any], assets: _Assets) -> dict[str, Any]:
 
 
 def _expected_class(case: Mapping[str, Any], labels: Mapping[int, str]) -> str | None:
-    """The class a case is about, for the per-class summary: the top-1 it expects, else its focus target."""
+    """The class a case is about, for the per-class summary: a dataset case's own class, else the top-1
+    it expects, else an expected label of its top-k (none when that fell out of the top-k)."""
+    if case.get("label") is not None:
+        return str(case["label"])
     for ch in case["checks"]:
         for m in ch["metrics"]:
             if m.get("name") == "top1" and m.get("threshold") is not None:
@@ -463,11 +467,24 @@ def _rows(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for index, case in enumerate(cases):
         view = _case_view(case, _NoPictures())
         c = view["case"]
-        rows.append({**{k: view[k] for k in _ROW_KEYS}, "index": index,
-                     "case": {"case_id": c["case_id"], "spec": c["spec"], "line": c["line"], "model": c["model"],
-                              "checks": [{"kind": ch["kind"], "outcome": ch["outcome"]} for ch in c["checks"]]}})
+        row = {k: view[k] for k in _ROW_KEYS}
+        top1 = row["top1"]
+        row.update(index=index, outcome=_shared(row["outcome"]), expected_class=_shared(row["expected_class"]),
+                   top1={"label": _shared(top1["label"]), "prob": top1["prob"]} if top1 else None,
+                   worst={_shared(kind): margin for kind, margin in row["worst"].items()},
+                   case={"case_id": c["case_id"], "spec": _shared(c["spec"]), "line": c["line"],
+                         "model": _shared(c["model"]),
+                         "checks": [{"kind": _shared(ch["kind"]), "outcome": _shared(ch["outcome"])}
+                                    for ch in c["checks"]]})
+        rows.append(row)
     rows.sort(key=_order_key)
     return rows
+
+
+def _shared(value: Any) -> Any:
+    """One object per distinct spec, model, kind, outcome and label of the rows: a 10,000-case page's
+    first pass held each once per case (parsed from each record), ~3 KB a case of the run's peak."""
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _cards(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], assets: _Assets) -> Iterator[dict]:
@@ -511,6 +528,51 @@ def _class_summary(views: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "energy": f"{statistics.fmean(row['energy']):.2f}" if row["energy"] else "—"})
     out.sort(key=lambda r: (r["accuracy_sort"], r["focus_sort"], r["label"]))
     return out
+
+
+CONFUSION_MAX_CLASSES = 20
+"""Up to this many expected classes the overview shows the whole top-1 confusion matrix; above it (an
+ImageNet-sized set) only the most frequent confusions, a matrix nobody could read being no overview."""
+
+HISTOGRAM_BINS = 10
+
+
+def _overview(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a golden set's page shows before any card: the top-1 confusion (expected class x predicted
+    top-1, "error" for a case with no prediction), its most frequent off-diagonal pairs, and histograms
+    of the top-1 probability and of the energy inside the region, ten bins over [0, 1]."""
+    pairs: dict[tuple[str, str], int] = {}
+    for v in views:
+        if v["expected_class"] is None:
+            continue
+        predicted = str(v["top1"]["label"]) if v["top1"] else "error"
+        key = (str(v["expected_class"]), predicted)
+        pairs[key] = pairs.get(key, 0) + 1
+    expected = sorted({e for e, _ in pairs})
+    matrix = None
+    if 0 < len(expected) <= CONFUSION_MAX_CLASSES:
+        others = sorted({p for _, p in pairs} - set(expected) - {"error"})
+        columns = expected + others + (["error"] if any(p == "error" for _, p in pairs) else [])
+        matrix = {"columns": columns,
+                  "rows": [{"label": e, "cells": [{"count": pairs.get((e, c), 0), "hit": c == e} for c in columns],
+                            "total": sum(pairs.get((e, c), 0) for c in columns)} for e in expected]}
+    confusions = sorted(((n, e, p) for (e, p), n in pairs.items() if e != p), key=lambda t: (-t[0], t[1], t[2]))
+    histograms = []
+    for name, values in (("top-1 probability", [v["top1"]["prob"] for v in views if v["top1"]]),
+                         ("energy inside the region", [v["energy"] for v in views if v["energy"] is not None])):
+        values = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(float(x))]
+        if not values:
+            continue
+        counts = [0] * HISTOGRAM_BINS
+        for x in values:
+            counts[min(HISTOGRAM_BINS - 1, max(0, int(x * HISTOGRAM_BINS)))] += 1
+        top = max(counts)
+        histograms.append({"name": name, "n": len(values), "median": f"{statistics.median(values):.2f}",
+                           "bins": [{"range": f"{i / HISTOGRAM_BINS:.1f}–{(i + 1) / HISTOGRAM_BINS:.1f}",
+                                     "count": c, "width": max(1, round(100 * c / top)) if c else 0} for i, c in enumerate(counts)]})
+    return {"confusion": matrix, "confusions": [{"count": n, "expected": e, "predicted": p}
+                                                for n, e, p in confusions[:10]],
+            "histograms": histograms}
 
 
 def _run_view(run: Mapping[str, Any], views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -609,7 +671,7 @@ def write_report(out_dir: Path, run: Mapping[str, Any], cases: Sequence[Mapping[
         template = _env().get_template("report.html")
         rows = _rows(cases)
         html = template.generate(**_run_view(run, rows), rows=rows, cases=_cards(cases, rows, assets),
-                                 kinds=_kinds(rows), classes=_class_summary(rows), run_id=run_id,
+                                 kinds=_kinds(rows), classes=_class_summary(rows), overview=_overview(rows), run_id=run_id,
                                  self_contained=self_contained, nonce=secrets.token_urlsafe(12),
                                  schema_version=SCHEMA_VERSION)
         html_tmp = commit.stage(".index-", html)
