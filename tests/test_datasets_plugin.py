@@ -204,6 +204,7 @@ def test_the_report_overview_shows_the_top1_confusion_and_histograms_of_the_set(
         shown.update({(label, col): int(n) for col, n in zip(columns, counts) if n})
     assert shown == expected
     assert "most frequent confusions:" in page
+    assert "(no expected class)" not in page   # the gates' card is no class's case
     for name in ("top-1 probability", "energy inside the region"):
         block = page[page.index(f"<h2>{name}</h2>"):]
         block = block[:block.index("</table>")]

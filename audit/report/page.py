@@ -509,6 +509,8 @@ def _class_summary(views: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     mean energy inside the region — the first place QA looks for a class the model gets wrong."""
     classes: dict[str, dict[str, Any]] = {}
     for v in views:
+        if v["expected_class"] is None and v["top1"] is None:
+            continue   # a spec-level card (gates) or a case with neither a class nor a prediction
         name = v["expected_class"] or "(no expected class)"
         row = classes.setdefault(name, {"label": name, "cases": 0, "pred": [0, 0], "focus": [0, 0], "energy": []})
         row["cases"] += 1
