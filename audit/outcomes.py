@@ -17,10 +17,11 @@ import functools
 import json
 import math
 import re
-import sys
 from typing import Any, Callable, Iterable
 
 import pytest
+
+from audit.records import shared_text
 
 CASE_PROP = "model_audit_case"
 CHECK_PROP = "model_audit_check"
@@ -104,7 +105,7 @@ def flat_properties(case: dict | None, check: dict | None) -> list[tuple[str, st
         top = case.get("top_k") or []
         labels = {int(t["index"]): str(t["label"]) for t in top if t.get("index") is not None}
         if top:
-            props += [("top1", sys.intern(str(top[0]["label"]))), ("top1_prob", _flat_value(float(top[0]["prob"])))]
+            props += [("top1", shared_text(str(top[0]["label"]))), ("top1_prob", _flat_value(float(top[0]["prob"])))]
         if case.get("error"):
             props.append(("error", str(case["error"]).splitlines()[0]))
     for m in (check or {}).get("metrics") or ():
@@ -114,7 +115,7 @@ def flat_properties(case: dict | None, check: dict | None) -> list[tuple[str, st
         indexed = _INDEXED.match(name)
         if indexed and int(indexed.group(2)) in labels:
             name = f"{indexed.group(1)}[{labels[int(indexed.group(2))]}]"
-        name = sys.intern(name)
+        name = shared_text(name)
         if name == "pointing_game" and isinstance(value, bool):
             props.append((name, "hit" if value else "miss"))
         else:

@@ -12,6 +12,7 @@ observation and the record.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -66,6 +67,12 @@ class CaseRecord:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(CaseRecord))
+
+
+def shared_text(value: Any) -> Any:
+    """One string object for each distinct kind name, outcome, spec path or label read from records:
+    a 10,000-case run holds a few distinct values, not one copy per case (parsed from each record)."""
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def default_channels(channels: int) -> int:

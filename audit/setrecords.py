@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from audit.outcomes import CASE_PROP, CHECK_PROP, parsed_record, records_of
+from audit.records import shared_text
 
 GATE_METRICS = frozenset({"top1_is_label", "top1", "pointing_game", "energy_inside"})
 """The check metrics :func:`audit.gates.outcome_of` reads; the others are not kept here."""
@@ -44,7 +44,7 @@ class CaseResults:
         self.expected.clear()
         for item in session.items:
             if isinstance(item, CheckItem):
-                path, n = self.expected.get(item.ref.nodeid, (_shared(str(item.ref.spec.path)), 0))
+                path, n = self.expected.get(item.ref.nodeid, (shared_text(str(item.ref.spec.path)), 0))
                 self.expected[item.ref.nodeid] = (path, n + 1)
 
     def pytest_runtest_logreport(self, report: Any) -> None:
@@ -83,8 +83,8 @@ class CaseResults:
             case = self.cases[line["case"]] = _SetCase(line["record"])
         elif line["record"].get("top_k") and not case.top1:
             case.take(line["record"])
-        case.checks[line["check"]] = (_shared(line["kind"]), _shared(line["outcome"]),
-                                      tuple((_shared(m["name"]), m.get("value"), m.get("passed"))
+        case.checks[line["check"]] = (shared_text(line["kind"]), shared_text(line["outcome"]),
+                                      tuple((shared_text(m["name"]), m.get("value"), m.get("passed"))
                                             for m in line["metrics"]))
 
     def _write(self, line: dict) -> None:
@@ -126,11 +126,6 @@ class CaseResults:
                 break
             time.sleep(0.2)
         return _CaseViews([(case, self.cases[case]) for case in wanted if case in self.cases]), missing
-
-
-def _shared(text: str | None) -> str | None:
-    """One string object for each kind name and outcome, not one per check of a 10,000-case run."""
-    return sys.intern(text) if isinstance(text, str) else text
 
 
 class _SetCase:

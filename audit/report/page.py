@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import statistics
-import sys
 from pathlib import Path
 from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from audit.records import shared_text
 from audit.report.assets import flush_assets, safe_stem
 from audit.report.drawing import DISPLAY_MIN, _shown_size
 from audit.report.folder import committing
@@ -469,22 +469,16 @@ def _rows(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         c = view["case"]
         row = {k: view[k] for k in _ROW_KEYS}
         top1 = row["top1"]
-        row.update(index=index, outcome=_shared(row["outcome"]), expected_class=_shared(row["expected_class"]),
-                   top1={"label": _shared(top1["label"]), "prob": top1["prob"]} if top1 else None,
-                   worst={_shared(kind): margin for kind, margin in row["worst"].items()},
-                   case={"case_id": c["case_id"], "spec": _shared(c["spec"]), "line": c["line"],
-                         "model": _shared(c["model"]),
-                         "checks": [{"kind": _shared(ch["kind"]), "outcome": _shared(ch["outcome"])}
+        row.update(index=index, outcome=shared_text(row["outcome"]), expected_class=shared_text(row["expected_class"]),
+                   top1={"label": shared_text(top1["label"]), "prob": top1["prob"]} if top1 else None,
+                   worst={shared_text(kind): margin for kind, margin in row["worst"].items()},
+                   case={"case_id": c["case_id"], "spec": shared_text(c["spec"]), "line": c["line"],
+                         "model": shared_text(c["model"]),
+                         "checks": [{"kind": shared_text(ch["kind"]), "outcome": shared_text(ch["outcome"])}
                                     for ch in c["checks"]]})
         rows.append(row)
     rows.sort(key=_order_key)
     return rows
-
-
-def _shared(value: Any) -> Any:
-    """One object per distinct spec, model, kind, outcome and label of the rows: a 10,000-case page's
-    first pass held each once per case (parsed from each record), ~3 KB a case of the run's peak."""
-    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _cards(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], assets: _Assets) -> Iterator[dict]:
@@ -543,13 +537,12 @@ def _overview(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What a golden set's page shows before any card: the top-1 confusion (expected class x predicted
     top-1, "error" for a case with no prediction), its most frequent off-diagonal pairs, and histograms
     of the top-1 probability and of the energy inside the region, ten bins over [0, 1]."""
-    pairs: dict[tuple[str, str], int] = {}
-    for v in views:
-        if v["expected_class"] is None:
-            continue
-        predicted = str(v["top1"]["label"]) if v["top1"] else "error"
-        key = (str(v["expected_class"]), predicted)
-        pairs[key] = pairs.get(key, 0) + 1
+    from audit.gates import CaseOutcome, confusion
+
+    table = confusion(CaseOutcome(case_id="", label=str(v["expected_class"]),   # confusion reads no id
+                                  predicted=str(v["top1"]["label"]) if v["top1"] else None, correct=None)
+                      for v in views if v["expected_class"] is not None)
+    pairs = {(e, p): n for e, row in table.items() for p, n in row.items()}
     expected = sorted({e for e, _ in pairs})
     matrix = None
     if 0 < len(expected) <= CONFUSION_MAX_CLASSES:
